@@ -8,6 +8,13 @@ dsf = pytest.importorskip('diffusers.loaders.single_file_utils')
 from diffusers import UNet2DConditionModel, AutoencoderKL
 from transformers import CLIPTextModel as HFCLIPTextModel, CLIPTextConfig as HFCLIPTextConfig
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    "Tiny models: one thread is as fast, and much faster on a shared, oversubscribed CPU."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # ---------------------------------------------------------------------------------------------------------------
 # The inverse mapping (diffusers -> LDM), written independently of minisd.checkpoints: diffusers' converter must
 # map its output back to the original (that checks this inverse), and so must ours (that checks ours).
@@ -374,3 +381,25 @@ def test_extract_ema():
     assert_same_sd(c['unet'], {k: v * 2 for k, v in unet.state_dict().items()})
     assert_same_sd(convert_ldm_checkpoint({**ldm, **ema})['unet'], unet.state_dict())  # default: the raw weights
     with pytest.raises(CheckpointError, match='lacks EMA'): convert_ldm_checkpoint(ldm, extract_ema=True)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Full size, on the meta device (shapes only, no memory): the configs inferred without a yaml are SD's
+
+@pytest.mark.parametrize('version', ['sd15', 'sd21'])
+def test_full_size_configs_inferred(version):
+    unet_mod = pytest.importorskip('minisd.unet'); clip_mod = pytest.importorskip('minisd.clip'); vae_mod = pytest.importorskip('minisd.vae')
+    sd2 = version == 'sd21'
+    with torch.device('meta'):
+        unet = unet_mod.UNet(getattr(unet_mod.UNetConfig, version)())
+        vae = vae_mod.AutoencoderKL(vae_mod.VAEConfig.sd())
+        te = clip_mod.CLIPTextModel(getattr(clip_mod.CLIPTextConfig, version)())
+    ldm = {**unet_to_ldm(unet.state_dict(), 2), **vae_to_ldm(vae.state_dict(), 4),
+           **(clip_to_open_clip(te.state_dict()) if sd2 else clip_to_ldm(te.state_dict()))}
+    if sd2: assert 'cond_stage_model.model.transformer.resblocks.23.ln_1.weight' in ldm  # 24 layers in the file, as in SD 2
+    c = convert_ldm_checkpoint(ldm)
+    assert unet_mod.UNetConfig.from_dict(c['unet_config']) == unet.config
+    assert clip_mod.CLIPTextConfig.from_dict(c['text_encoder_config']) == te.config
+    vc = vae_mod.VAEConfig.from_dict(c['vae_config'])
+    assert vc == vae_mod.VAEConfig(sample_size=768 if sd2 else 512)
+    for m, k in ((unet, 'unet'), (vae, 'vae'), (te, 'text_encoder')): check_state_dict(m.state_dict(), c[k])
+    assert c['scheduler_config']['prediction_type'] == ('v_prediction' if sd2 else 'epsilon')

@@ -150,7 +150,7 @@ def test_custom_step_and_cancel():
     assert np.mean(learn.recorder.losses[-4:]) < np.mean(learn.recorder.losses[:4])
     events = []
     class Stop(Callback):
-        def after_step(self, learn):
+        def after_batch(self, learn):
             if learn.n_steps == 3: raise CancelFitException
         def after_fit(self, learn): events.append('after_fit')
     learn = make().fit(2, cbs=[Stop()])

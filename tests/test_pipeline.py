@@ -28,6 +28,13 @@ ATOL = dict(atol=2e-4, rtol=1e-4)
 
 def gen(seed): return torch.Generator().manual_seed(seed)
 
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    "Tiny models: one thread avoids oversubscribing a shared CPU (10x faster here under load)."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 @pytest.fixture(scope='module')
 def tokenizer(): return CLIPTokenizer.train(CAPTIONS, vocab_size=600)
 
@@ -349,3 +356,50 @@ def test_randn_tensor_matches_diffusers():
     from diffusers.utils.torch_utils import randn_tensor as d_randn
     for g in (lambda: gen(0), lambda: [gen(0), gen(1), gen(2)]):
         assert torch.equal(randn_tensor((3, 4, 5, 5), g()), d_randn((3, 4, 5, 5), generator=g()))
+
+# --------------------------------------------------------------------------------------------------------------
+# dispatch and schedulers
+
+def test_from_pretrained_dispatch(saved1, tmp_path, monkeypatch):
+    "A file goes to minisd.checkpoints.load_single_file, an 'org/name' that is not a path to checkpoints.download."
+    import minisd.checkpoints as ck
+    _, d = saved1
+    calls = {}
+    monkeypatch.setattr(ck, 'load_single_file', lambda p, **kw: calls.setdefault('single', (p, kw)))
+    monkeypatch.setattr(ck, 'download', lambda repo, variant=None: calls.setdefault('hub', (repo, variant)) and d)
+    f = tmp_path/'model.safetensors'; f.write_bytes(b'')
+    StableDiffusion.from_pretrained(f, torch_dtype=torch.float16)
+    assert calls['single'][0] == f and calls['single'][1]['torch_dtype'] == torch.float16
+    pipe = StableDiffusion.from_pretrained('some-org/some-model', variant='fp16')
+    assert calls['hub'] == ('some-org/some-model', 'fp16') and isinstance(pipe, StableDiffusion)
+
+def test_scheduler_class_from_model_index(saved1, tmp_path):
+    _, d = saved1
+    shutil.copytree(d, tmp_path, dirs_exist_ok=True)
+    index = json.loads((tmp_path/'model_index.json').read_text())
+    for name, cls in (('DDPMScheduler', DDPMScheduler), ('PNDMScheduler', DDIMScheduler)):
+        (tmp_path/'model_index.json').write_text(json.dumps({**index, 'scheduler': ['diffusers', name]}))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            pipe = StableDiffusion.from_pretrained(tmp_path)
+        assert type(pipe.scheduler) is cls
+        assert (name == 'PNDMScheduler') == any('PNDMScheduler' in str(x.message) for x in w)
+        assert pipe.scheduler.config.beta_schedule == 'scaled_linear'
+
+@pytest.mark.gpu
+def test_cuda_fp16_matches_diffusers(saved1):
+    "On a GPU in fp16, with a CPU generator: the same images as diffusers (fp16 tolerance)."
+    _, d = saved1
+    pipe = StableDiffusion.from_pretrained(d, torch_dtype=torch.float16, device='cuda'); pipe.show_progress = False
+    dp = diffusers.StableDiffusionPipeline.from_pretrained(d, safety_checker=None, torch_dtype=torch.float16).to('cuda')
+    dp.set_progress_bar_config(disable=True)
+    assert pipe.device.type == 'cuda' and pipe.dtype == torch.float16
+    args = dict(prompt=["a neat four", "six"], negative_prompt="a bold two", output_type='pt', **KW)
+    ours = pipe(**args, generator=gen(0))
+    assert ours.device.type == 'cuda' and ours.dtype == torch.float32
+    assert_close(ours, dp(**{**args, 'negative_prompt': ["a bold two"] * 2}, generator=gen(0)).images.float(), atol=2e-2, rtol=0)
+    x = torch.rand(1, 16, 16, generator=gen(1))
+    ours = pipe(**args, image=x, strength=0.5, generator=gen(2))
+    theirs = diffusers.StableDiffusionImg2ImgPipeline(**dp.components)(**{**args, 'negative_prompt': ["a bold two"] * 2},
+                                                                         image=x[None], strength=0.5, generator=gen(2)).images
+    assert_close(ours, theirs.float(), atol=2e-2, rtol=0)

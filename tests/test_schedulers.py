@@ -6,6 +6,7 @@ import torch
 from torch.testing import assert_close
 
 diffusers = pytest.importorskip('diffusers')
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside diffusers, numpy 2
 from minisd import schedulers as ms
 
 SHAPE = (2, 3, 4, 4)
@@ -27,7 +28,7 @@ def close(a, b, rtol=2e-5, atol=2e-5):
 def rand(seed, shape=SHAPE, dtype=torch.float32, scale=1.0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) * scale
 
-def step_subset(n, k=8):
+def step_subset(n, k=6):
     "All step indices for small n, else the first and last k//2 plus a few in between."
     if n <= 2 * k: return list(range(n))
     return sorted(set(range(k // 2)) | set(range(n - k // 2, n)) | set(np.linspace(0, n - 1, k).round().astype(int).tolist()))
@@ -51,7 +52,7 @@ def test_ddpm_steps(schedule, prediction_type, spacing, variance_type, clip_samp
     ref_kw = {**kw, 'variance_type': 'fixed_large'} if variance_type == 'fixed_large_log' else kw
     ours, theirs = ms.DDPMScheduler(**kw), diffusers.DDPMScheduler(**ref_kw)
     learned = variance_type.startswith('learned')
-    for n in (None, 10, 25, 1000):  # None: before set_timesteps (all T steps, prev_t = t - 1)
+    for n in (None, 10, 1000):  # None: before set_timesteps (all T steps, prev_t = t - 1)
         if n is not None and n * (1000 // n) + spacing.get('steps_offset', 0) > 1000: continue  # timesteps past T: invalid
         if n is not None: ours.set_timesteps(n); theirs.set_timesteps(n)
         check_schedule(ours, theirs)
@@ -95,7 +96,7 @@ def test_ddpm_learned_variance_needs_channels():
 def test_ddim_steps(schedule, prediction_type, spacing, set_alpha_to_one, clip_sample, eta):
     kw = dict(**schedule, **spacing, prediction_type=prediction_type, set_alpha_to_one=set_alpha_to_one, clip_sample=clip_sample)
     ours, theirs = pair('DDIMScheduler', **kw)
-    for n in (10, 25, 50, 1000):
+    for n in (7, 50, 1000):
         if n * (1000 // n) + spacing.get('steps_offset', 0) > 1000: continue  # timesteps past T: invalid
         ours.set_timesteps(n); theirs.set_timesteps(n)
         check_schedule(ours, theirs)
@@ -164,7 +165,7 @@ def test_euler_run(schedule, prediction_type, spacing, sigmas, final_sigmas_type
               use_karras_sigmas=sigmas == 'karras', use_exponential_sigmas=sigmas == 'exponential')
     ours, theirs = pair('EulerDiscreteScheduler', **kw)
     check_schedule(ours, theirs)
-    for n in (10, 25):
+    for n in (8, 16):
         ours.set_timesteps(n); theirs.set_timesteps(n)
         check_schedule(ours, theirs)
         close(ours.sigmas, theirs.sigmas, rtol=1e-6, atol=0)
@@ -214,17 +215,19 @@ def test_euler_add_noise_img2img():
 
 # ---------------------------------------------------------------- DPM-Solver++: a whole (stateful) run
 SOLVERS = [dict(solver_order=1), dict(solver_order=2), dict(solver_order=2, solver_type='heun'), dict(solver_order=3)]
+# Karras/exponential sigmas ignore the spacing; with the cosine schedule they make diffusers itself fail
+# (sigma_max ~2e4 repeats timestep 998 and its step counter overruns), so those are left out
+SIGMA_SPACINGS = ([('plain', sp) for sp in SPACINGS[1:]] + [('karras', SPACINGS[2]), ('exponential', SPACINGS[2])])
+DPM_GRID = [(sch, sg, sp) for sch in SCHEDULES for sg, sp in SIGMA_SPACINGS if not (sch['beta_schedule'] == 'squaredcos_cap_v2' and sg != 'plain')]
 @pytest.mark.parametrize('algorithm_type', ['dpmsolver++', 'sde-dpmsolver++'])
 @pytest.mark.parametrize('solver', SOLVERS, ids=_id)
-@pytest.mark.parametrize('sigmas', ['plain', 'karras', 'exponential'])
-@pytest.mark.parametrize('spacing', SPACINGS[1:], ids=_id)
 @pytest.mark.parametrize('prediction_type', PREDICTIONS)
-@pytest.mark.parametrize('schedule', SCHEDULES, ids=_id)
-def test_dpm_run(schedule, prediction_type, spacing, sigmas, solver, algorithm_type):
+@pytest.mark.parametrize('schedule,sigmas,spacing', DPM_GRID, ids=lambda v: _id(v) if isinstance(v, dict) else v)
+def test_dpm_run(schedule, sigmas, spacing, prediction_type, solver, algorithm_type):
     kw = dict(**schedule, **spacing, **solver, prediction_type=prediction_type, algorithm_type=algorithm_type,
               use_karras_sigmas=sigmas == 'karras', use_exponential_sigmas=sigmas == 'exponential')
     ours, theirs = pair('DPMSolverMultistepScheduler', **kw)
-    for n in (8, 20):  # below and above 15 steps, where lower_order_final switches off
+    for n in (8, 16):  # below and above 15 steps, where lower_order_final switches off
         ours.set_timesteps(n); theirs.set_timesteps(n)
         check_schedule(ours, theirs)
         close(ours.sigmas, theirs.sigmas, rtol=1e-6, atol=0)
@@ -240,7 +243,7 @@ def test_dpm_run(schedule, prediction_type, spacing, sigmas, solver, algorithm_t
                                   dict(final_sigmas_type='sigma_min', lower_order_final=False, solver_order=3),
                                   dict(thresholding=True, sample_max_value=2.0, prediction_type='sample'),
                                   dict(rescale_betas_zero_snr=True, prediction_type='v_prediction', timestep_spacing='trailing'),
-                                  dict(beta_schedule='squaredcos_cap_v2', lambda_min_clipped=-5.1, use_karras_sigmas=True),
+                                  dict(beta_schedule='squaredcos_cap_v2', lambda_min_clipped=-5.1),
                                   dict(variance_type='learned_range'),
                                   dict(algorithm_type='sde-dpmsolver++', solver_type='heun', use_karras_sigmas=True)], ids=str)
 def test_dpm_options(opts):
@@ -312,7 +315,7 @@ def test_foreign_config_keys_ignored():
             "steps_offset": 1, "trained_betas": None, "clip_sample": False}
     for name in ALL:
         ours, theirs = getattr(ms, name).from_config(sd15), getattr(diffusers, name).from_config(sd15)
-        assert dict(ours.config) == {k: v for k, v in theirs.config.items() if not k.startswith('_')}
+        assert dict(ours.config) == {k: theirs.config[k] for k in inspect.signature(getattr(diffusers, name).__init__).parameters if k != 'self'}
         assert 'skip_prk_steps' not in ours.config
 
 def test_config_is_frozen():
