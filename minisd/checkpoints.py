@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_checkpoints.ipynb #d27189df
 from __future__ import annotations
-import os, re, json
+import os, re, json, warnings
 from pathlib import Path
 import torch
 
@@ -45,7 +45,7 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     return _unwrap(read_weights_file(path), path)
 
 # %% ../nbs/14_checkpoints.ipynb #4a8359c3
-WEIGHTS_STEMS = ('diffusion_pytorch_model', 'model')  # diffusers models, transformers models
+WEIGHTS_STEMS = ('diffusion_pytorch_model', 'model', 'pytorch_model')  # diffusers models, transformers models, older transformers .bin
 
 def _candidates(variant=None):
     "File names to try, best first: (name, is_index)."
@@ -62,6 +62,7 @@ def component_weights_files(folder, variant:str|None=None) -> list[Path]:
     for name, is_index in _candidates(variant):
         f = folder/name
         if not f.is_file(): continue
+        if variant and f'.{variant}.' not in name: warnings.warn(f"no {variant!r} variant weights in {folder}; loading {name}")
         if not is_index: return [f]
         shards = sorted(set(json.loads(f.read_text())['weight_map'].values()))
         missing = [s for s in shards if not (folder/s).is_file()]
@@ -69,7 +70,7 @@ def component_weights_files(folder, variant:str|None=None) -> list[Path]:
         return [folder/s for s in shards]
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else 'the folder does not exist'
     raise FileNotFoundError(f"no weights file in {folder} (looked for {WEIGHTS_STEMS[0]}[.{variant or 'VARIANT'}].safetensors|bin, "
-                            f"{WEIGHTS_STEMS[1]}[...] and sharded *.index.json); found: {present}")
+                            f"{', '.join(WEIGHTS_STEMS[1:])}[...] and sharded *.index.json); found: {present}")
 
 def load_component_weights(folder, variant:str|None=None) -> dict[str, torch.Tensor]:
     "The state dict of a diffusers component `folder`, merging shards; `variant` (e.g. 'fp16') preferred when present."

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 # %% auto #0
-__all__ = ['default_device', 'seed_everything', 'in_test', 'budget', 'to_pil', 'from_pil', 'show_images', 'image_grid',
-           'atomic_write']
+__all__ = ['default_device', 'seed_everything', 'randn_tensor', 'in_test', 'budget', 'to_pil', 'from_pil', 'show_images',
+           'image_grid', 'atomic_write']
 
 # %% ../nbs/00_core.ipynb #76c457db
 def default_device() -> torch.device:
@@ -27,6 +27,20 @@ def seed_everything(seed:int=42):
     "Seed Python, NumPy and torch (all devices)."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
     if torch.cuda.is_available(): torch.cuda.manual_seed_all(seed)
+
+# %% ../nbs/00_core.ipynb #d940fd0d
+def randn_tensor(shape:tuple, # the full shape, batch first
+                 generator:torch.Generator|list[torch.Generator]|None=None, # one generator, or one per batch item
+                 device=None, dtype=None) -> torch.Tensor:
+    "Standard normal noise drawn like diffusers' `randn_tensor`: per item with a list of generators, on the generator's device."
+    device = torch.device(device or "cpu")
+    if isinstance(generator, (list, tuple)) and len(generator) == 1: generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got a list of {len(generator)} generators for a batch of {shape[0]}: give one per image")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]).to(device)
+    rand_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=rand_device, dtype=dtype).to(device)
 
 # %% ../nbs/00_core.ipynb #a75dfc93
 def in_test() -> bool:

@@ -170,17 +170,18 @@ class MnistMetrics:
     "FID, KID and prompt accuracy of MNIST digits against a reference split, with minisd's classifier."
     def __init__(self, classifier=None, # a `MnistClassifier` (default: the shipped `mnist_classifier()`)
                  ref_split:str='train', # the split generated digits are compared with
-                 source='embedded'): # `load_mnist` source
+                 source='embedded', # `load_mnist` source
+                 n_ref:int|None=None, # use only the first n reference digits (None: all)
+                 kid_subsets:int=50): # random subsets KID averages over
         self.classifier = mnist_classifier() if classifier is None else classifier.eval()
-        self.source = source
-        self.ref_feats, _ = classify(load_mnist(ref_split, source)[0], self.classifier)   # (N_ref, d)
+        self.source, self.kid_subsets = source, kid_subsets
+        self.ref_feats, _ = classify(load_mnist(ref_split, source)[0][:n_ref], self.classifier)   # (N_ref, d)
 
     def __call__(self, images:torch.Tensor, # (N, 1, 28, 28) in [0, 1]
-                 labels=None, # (N,) requested digits, for prompt accuracy
-                 kid_subsets:int=100) -> dict:
+                 labels=None) -> dict: # (N,) requested digits, for prompt accuracy
         "FID, KID (mean, std) and, with `labels`, prompt accuracy of `images`."
         feats, logits = classify(images, self.classifier)
-        kid_mean, kid_std = kid(feats, self.ref_feats, subsets=kid_subsets)
+        kid_mean, kid_std = kid(feats, self.ref_feats, subsets=self.kid_subsets)
         res = dict(n=len(images), fid=fid(feats, self.ref_feats), kid=kid_mean, kid_std=kid_std)
         if labels is not None: res['prompt_accuracy'] = (logits.argmax(-1) == torch.as_tensor(labels)).float().mean().item()
         return res

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .core import atomic_write
+from .core import atomic_write, randn_tensor
 
 # %% auto #0
 __all__ = ['BETA_SCHEDULES', 'PREDICTION_TYPES', 'TIMESTEP_SPACINGS', 'VARIANCE_TYPES', 'betas_for_alpha_bar',
@@ -72,15 +72,6 @@ TIMESTEP_SPACINGS = ('leading', 'linspace', 'trailing')
 def _bcast(v:torch.Tensor, x:torch.Tensor) -> torch.Tensor:
     "Per-sample values `v` (B,) shaped to broadcast against `x` (B, ...)."
     return v.flatten().reshape(-1, *[1] * (x.ndim - 1))
-
-def _randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
-    "Standard normal noise, drawn like diffusers' `randn_tensor`: on a CPU generator's device, one generator per sample if a list."
-    device = torch.device(device or 'cpu')
-    if isinstance(generator, (list, tuple)) and len(generator) == 1: generator = generator[0]
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([_randn((1, *shape[1:]), g, device, dtype) for g in generator])
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 def dynamic_threshold(x0:torch.Tensor, # (B, ...) predicted clean samples
                       ratio:float=0.995, # percentile of |x0| used as the threshold s
@@ -328,7 +319,7 @@ def step(self:DDPMScheduler, model_output:torch.Tensor, # the network's output a
     mean = ((alpha_prod_t_prev ** 0.5 * current_beta_t) / beta_prod_t * x0             # posterior mean, Eq. 7
             + (current_alpha_t ** 0.5 * beta_prod_t_prev / beta_prod_t) * sample)
     if t > 0:  # no noise on the final step (Algorithm 2, line 3: z = 0 if t = 1)
-        if variance_noise is None: variance_noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
+        if variance_noise is None: variance_noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
         mean = mean + self._step_std(alpha_prod_t, alpha_prod_t_prev, predicted_variance) * variance_noise
     return SchedulerOutput(mean, x0) if return_dict else (mean, x0)
 
@@ -382,7 +373,7 @@ def step(self:DDIMScheduler, model_output:torch.Tensor, # the network's output a
     prev = alpha_prod_t_prev ** 0.5 * x0 + (1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5 * eps  # Eq. 12
     if eta > 0:
         if variance_noise is not None and generator is not None: raise ValueError("pass either generator or variance_noise, not both")
-        if variance_noise is None: variance_noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
+        if variance_noise is None: variance_noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
         prev = prev + std_dev_t * variance_noise
     return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
 
@@ -532,7 +523,7 @@ def step(self:EulerDiscreteScheduler, model_output:torch.Tensor, # the network's
     gamma = min(s_churn / (len(self.sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)  # churn: raise the noise level a little by adding fresh noise
     if gamma > 0:
-        eps = _randn(model_output.shape, generator, model_output.device, model_output.dtype) * s_noise
+        eps = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype) * s_noise
         sample = sample + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
     p = self.config.prediction_type
     if p == 'epsilon': x0 = sample - sigma_hat * model_output
@@ -701,7 +692,7 @@ def step(self:DPMSolverMultistepScheduler, model_output:torch.Tensor, # the netw
     sample = sample.to(torch.float32)
     noise = None
     if c.algorithm_type == 'sde-dpmsolver++':
-        noise = (_randn(model_output.shape, generator, model_output.device, torch.float32) if variance_noise is None
+        noise = (randn_tensor(model_output.shape, generator, model_output.device, torch.float32) if variance_noise is None
                  else variance_noise.to(model_output.device, torch.float32))
     if c.solver_order == 1 or self.lower_order_nums < 1 or lower_final: order = 1
     elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_second: order = 2

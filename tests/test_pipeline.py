@@ -3,7 +3,8 @@ import json, shutil, warnings
 import pytest, torch
 from PIL import Image
 from torch.testing import assert_close
-from minisd.pipeline import StableDiffusion, randn_tensor
+from minisd.pipeline import StableDiffusion
+from minisd.core import randn_tensor
 from minisd.unet import UNet, UNetConfig
 from minisd.vae import AutoencoderKL, VAEConfig
 from minisd.clip import CLIPTextModel, CLIPTextConfig
@@ -161,19 +162,26 @@ def test_minisd_loads_diffusers_pipeline(from_diffusers):
     pil = pipe(**{**args, 'output_type': 'pil'})
     assert pil[0].mode == 'RGB' and pil[0].size == (16, 16)
 
-@pytest.mark.parametrize('sched', ['ddpm', 'ddim_eta'])
-def test_stochastic_samplers_match_diffusers(from_diffusers, sched):
-    "DDPM and DDIM with eta > 0 draw fresh noise every step: the same generator gives the same images."
+SAMPLERS = {'ddpm': ('DDPMScheduler', {}), 'ddim_eta': ('DDIMScheduler', dict(eta=0.7)),
+            'euler': ('EulerDiscreteScheduler', {}), 'dpm++': ('DPMSolverMultistepScheduler', {})}
+
+@pytest.mark.parametrize('sched', list(SAMPLERS))
+def test_other_samplers_match_diffusers(from_diffusers, sched):
+    "Stochastic (DDPM, DDIM eta>0) and sigma-based (Euler, DPM-Solver++) samplers: same generator, same images, txt2img and img2img."
+    import minisd.schedulers as ms
     dp, d = from_diffusers
     pipe = StableDiffusion.from_pretrained(d); pipe.show_progress = False
-    extra = {}
-    if sched == 'ddpm':
-        dp = diffusers.StableDiffusionPipeline(**{**dp.components, 'scheduler': diffusers.DDPMScheduler.from_config(SCHED)})
-        dp.set_progress_bar_config(disable=True)
-        pipe.scheduler = DDPMScheduler.from_config(SCHED)
-    else: extra = dict(eta=0.7)
+    name, extra = SAMPLERS[sched]
+    if not hasattr(ms, name): pytest.skip(f'minisd has no {name}')
+    pipe.scheduler = getattr(ms, name).from_config(SCHED)
+    comps = {**dp.components, 'scheduler': getattr(diffusers, name).from_config(SCHED)}
+    dt = diffusers.StableDiffusionPipeline(**comps); dt.set_progress_bar_config(disable=True)
+    di = diffusers.StableDiffusionImg2ImgPipeline(**comps); di.set_progress_bar_config(disable=True)
     args = dict(prompt="a bold two", output_type='pt', **KW, **extra)
-    assert_close(pipe(**args, generator=gen(11)), dp(**args, generator=gen(11)).images, **ATOL)
+    assert_close(pipe(**args, generator=gen(11)), dt(**args, generator=gen(11)).images, **ATOL)
+    x = torch.rand(1, 3, 16, 16, generator=gen(4))
+    args = {**args, 'num_inference_steps': 5, 'image': x, 'strength': 0.6}
+    assert_close(pipe(**args, generator=gen(12)), di(**args, generator=gen(12)).images, **ATOL)
 
 def test_img2img_matches_diffusers_rgb(from_diffusers):
     dp, d = from_diffusers
