@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'CLIPTextConfig', 'CLIPAttention', 'CLIPMLP', 'CLIPEncoderLayer', 'CLIPEncoder', 'CLIPTextEmbeddings',
-           'CLIPTextOutput', 'CLIPTextTransformer', 'CLIPTextModel', 'ImageEncoder', 'CLIPConfig', 'clip_loss', 'CLIP']
+           'CLIPTextOutput', 'CLIPTextTransformer', 'CLIPTextModel', 'ImageEncoder', 'CLIPConfig', 'clip_loss', 'CLIP',
+           'multi_positive_clip_loss', 'clip_caption_step', 'digit_text_features', 'zero_shot_accuracy']
 
 # %% ../nbs/11_clip.ipynb #143c9184
 ACTIVATIONS = {'quick_gelu': lambda x: x * torch.sigmoid(1.702 * x), 'gelu': F.gelu}
@@ -227,3 +228,42 @@ class CLIP(nn.Module):
     def forward(self, x, input_ids):  # -> logits_per_image (B images, B' texts)
         "Scaled cosine similarities of every image with every text."
         return self.logit_scale.exp().clamp(max=100) * self.get_image_features(x) @ self.get_text_features(input_ids).T
+
+# %% ../nbs/11_clip.ipynb #241553ac
+def multi_positive_clip_loss(logits_per_image:torch.Tensor, # (N images, N texts), pair i on the diagonal
+                             labels:torch.Tensor) -> torch.Tensor: # (N,) class of each pair: same class = positive
+    "Symmetric CLIP loss whose targets are all pairs of the same class, normalised per row."
+    pos = (labels[:, None] == labels[None]).float()  # (N, N), symmetric
+    target = pos / pos.sum(1, keepdim=True)
+    return (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_image.T, target)) / 2
+
+# %% ../nbs/11_clip.ipynb #064f36b1
+from .data import caption_batch, CAPTION_TEMPLATES, DIGIT_WORDS
+
+def clip_caption_step(tokenizer, # turns captions into token ids
+                      max_length:int=16, # tokens per caption (the encoder is causal: padding doesn't change the pooled feature)
+                      generator:torch.Generator|None=None): # draws the caption phrasings
+    "A `Learner` step for `CLIP` on batches `(images, digit labels)`: random captions, multi-positive loss."
+    def step(learn, batch):
+        xb, yb = batch
+        ids = tokenizer(caption_batch(yb.cpu(), generator), max_length=max_length).to(xb.device)
+        return multi_positive_clip_loss(learn.model(xb, ids), yb)
+    return step
+
+# %% ../nbs/11_clip.ipynb #90140177
+@torch.no_grad()
+def digit_text_features(model:CLIP, tokenizer, template:str, max_length:int=16) -> torch.Tensor:
+    "Normalised text features `(10, projection_dim)` of `template` (with `{word}`/`{digit}`) for the digits 0..9."
+    ids = tokenizer([template.format(word=w, digit=d) for d, w in enumerate(DIGIT_WORDS)], max_length=max_length)
+    return model.get_text_features(ids.to(model.logit_scale.device))
+
+@torch.no_grad()
+def zero_shot_accuracy(model:CLIP, tokenizer, x:torch.Tensor, y:torch.Tensor, # images (N, C, H, W), digits (N,)
+                       templates=CAPTION_TEMPLATES) -> dict: # caption phrasings to try
+    "Zero-shot digit accuracy of `model` per caption phrasing, and of their ensemble (mean text feature per digit)."
+    was = model.training; model.eval()
+    img = model.get_image_features(x.to(model.logit_scale.device))  # (N, P)
+    feats = {t: digit_text_features(model, tokenizer, t) for t in templates}
+    feats['ensemble'] = F.normalize(torch.stack(list(feats.values())).mean(0), dim=-1)
+    model.train(was)
+    return {t: ((img @ f.T).argmax(-1).cpu() == y).float().mean().item() for t, f in feats.items()}

@@ -1,0 +1,111 @@
+"""The `minisd` command: argument parsing, one-line errors, generate on a tiny trained pipeline, train-mnist resume."""
+import os, subprocess, sys
+import pytest
+import torch
+from PIL import Image
+import minisd.train
+from minisd.cli import main, build_parser, grid
+from minisd.learner import load_state
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    "A `train-mnist --fast` run that is interrupted in the U-Net stage, then rerun to completion."
+    out = tmp_path_factory.mktemp('cli')/'run'
+    calls, real = [0], minisd.train.ddpm_loss
+    def flaky(*a, **k):  # Ctrl-C on the 3rd U-Net step
+        calls[0] += 1
+        if calls[0] == 3: raise KeyboardInterrupt
+        return real(*a, **k)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(minisd.train, 'ddpm_loss', flaky)
+    first = main(['train-mnist', '--out', str(out), '--fast', '--device', 'cpu'])
+    mp.undo()
+    ck = out/'checkpoints'
+    mtimes = {f: (ck/f).stat().st_mtime_ns for f in ('vae.safetensors', 'clip.safetensors')}
+    second = main(['train-mnist', '--out', str(out), '--fast', '--device', 'cpu'])
+    return out, first, second, mtimes
+
+
+def test_parse_defaults():
+    a = build_parser().parse_args(['generate', 'a seven', '--model', 'm'])
+    assert (a.steps, a.guidance_scale, a.num_images, a.strength, a.out, a.dtype, a.init_image) == (25, 7.5, 1, 0.8, 'image.png', 'auto', None)
+    a = build_parser().parse_args(['train-mnist', '--out', 'd', '--epochs', '3', '--seed', '5'])
+    assert (a.out, a.epochs, a.seed, a.fast, a.data) == ('d', 3, 5, False, 'auto')
+
+
+@pytest.mark.parametrize('argv, needle', [
+    (['generate', 'x', '--model', 'm', '--strength', '1.5'], 'strength'),
+    (['generate', 'x', '--model', 'm', '--steps', '0'], 'steps'),
+    (['generate', 'x', '--model', 'm', '--dtype', 'float64'], 'dtype'),
+    (['generate', 'x'], '--model'),
+    (['train-mnist'], '--out'),
+    ([], 'COMMAND'),
+])
+def test_bad_arguments_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e: main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert '\n' not in err and needle in err and err.startswith('minisd')
+
+
+def test_missing_model_one_line(tmp_path, capsys):
+    assert main(['generate', 'x', '--model', str(tmp_path/'nope'), '--out', str(tmp_path/'x.png')]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('minisd generate: error: model not found') and '\n' not in err
+    assert not (tmp_path/'x.png').exists()
+
+
+def test_grid_shapes():
+    ims = [Image.new('L', (8, 4)) for _ in range(7)]
+    assert grid(ims).size == (24, 12) and grid(ims[:2]).size == (16, 8) and grid(ims[:1]).size == (8, 4)
+
+
+def test_train_mnist_interrupted_then_resumed(run_dir):
+    out, first, second, mtimes = run_dir
+    assert first == 130 and second == 0      # Ctrl-C: status 130; the rerun finishes
+    for f in ('model_index.json', 'samples.png', 'unet/config.json', 'vae/diffusion_pytorch_model.safetensors',
+              'text_encoder/model.safetensors', 'tokenizer/vocab.json', 'scheduler/scheduler_config.json'):
+        assert (out/f).exists(), f
+    ck = out/'checkpoints'
+    assert {f: (ck/f).stat().st_mtime_ns for f in mtimes} == mtimes   # finished stages were skipped, not redone
+    assert load_state(ck/'unet.safetensors')['pos']['epoch'] == 1
+    assert Image.open(out/'samples.png').size == (8 * 32, 10 * 32)
+
+
+def test_train_mnist_more_epochs_resumes_unet(run_dir, tmp_path):
+    out, *_ = run_dir
+    ck = out/'checkpoints'
+    before = {f: (ck/f).stat().st_mtime_ns for f in ('vae.safetensors', 'clip.safetensors')}
+    steps = load_state(ck/'unet.safetensors')['pos']['n_steps']
+    assert main(['train-mnist', '--out', str(out), '--fast', '--epochs', '2', '--device', 'cpu']) == 0
+    s = load_state(ck/'unet.safetensors')['pos']
+    assert s['epoch'] == 2 and s['n_steps'] == 2 * steps            # one more epoch on top of the first
+    assert {f: (ck/f).stat().st_mtime_ns for f in before} == before
+
+
+@pytest.mark.parametrize('extra, size', [([], (32, 32)), (['--num-images', '4'], (64, 64)),
+                                        (['--num-images', '3', '--height', '16', '--width', '32'], (64, 32))])
+def test_generate_png_size(run_dir, tmp_path, extra, size):
+    out, *_ = run_dir
+    f = tmp_path/'sub'/'img.png'
+    assert main(['generate', 'a handwritten seven', '--model', str(out), '--out', str(f), '--steps', '2', '--device', 'cpu', *extra]) == 0
+    im = Image.open(f)
+    assert im.format == 'PNG' and im.size == size and im.mode == 'L'
+
+
+def test_generate_seeded_and_img2img(run_dir, tmp_path):
+    out, *_ = run_dir
+    args = ['generate', 'nine', '--model', str(out), '--steps', '3', '--device', 'cpu', '--seed', '7']
+    for n in ('a', 'b'): assert main(args + ['--out', str(tmp_path/f'{n}.png')]) == 0
+    assert Image.open(tmp_path/'a.png').tobytes() == Image.open(tmp_path/'b.png').tobytes()   # same seed, same image
+    assert main(args + ['--out', str(tmp_path/'i2i.png'), '--init-image', str(tmp_path/'a.png'), '--strength', '0.5']) == 0
+    assert Image.open(tmp_path/'i2i.png').size == (32, 32)
+    assert main(args + ['--out', str(tmp_path/'x.png'), '--init-image', str(tmp_path/'missing.png')]) == 1
+
+
+def test_console_script_bad_model(tmp_path):
+    "The installed entry point: one line on stderr and status 1, no traceback."
+    r = subprocess.run([sys.executable, '-c', 'import sys; from minisd.cli import main; sys.exit(main())', 'generate', 'x',
+                        '--model', str(tmp_path/'none')], capture_output=True, text=True)
+    assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stderr.count('\n') == 1
