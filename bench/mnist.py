@@ -84,7 +84,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--model', default=str(ROOT / 'runs' / 'mnist_cfg'), help='folder from save_unet (nbs/08_guidance)')
     ap.add_argument('--train', action='store_true', help='train the class-conditional model first (and save it to --model)')
-    ap.add_argument('--epochs', type=int, default=16)
+    ap.add_argument('--epochs', type=int, default=24)
     ap.add_argument('--scale', type=float, default=None, help='guidance scale (default: the one saved by the notebook, else 3)')
     ap.add_argument('--n', type=int, default=500, help='samples per DDIM sampler for the metrics')
     ap.add_argument('--n-ddpm', type=int, default=50, help='samples for DDPM-1000 (slow: 1000 steps)')

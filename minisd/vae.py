@@ -9,7 +9,8 @@ from functools import partial
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .unet import ResnetBlock2D, Attention, DownBlock2D, UpBlock2D, UNetMidBlock2D
+from .core import randn_tensor
+from .unet import Attention, DownBlock2D, UpBlock2D, UNetMidBlock2D
 
 # %% auto #0
 __all__ = ['VAEConfig', 'vae_attention', 'Encoder', 'Decoder', 'DiagonalGaussian', 'AutoencoderKL']
@@ -125,10 +126,9 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30., 20.)
         self.std, self.var = torch.exp(0.5 * self.logvar), torch.exp(self.logvar)
 
-    def sample(self, generator:torch.Generator|None=None) -> torch.Tensor:
-        "z = mean + std * eps, eps ~ N(0, I) drawn from `generator` (on its own device, then moved)."
-        dev = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=dev, dtype=self.mean.dtype).to(self.mean.device)
+    def sample(self, generator=None) -> torch.Tensor:
+        "z = mean + std * eps, eps ~ N(0, I) from `generator` (or one generator per batch item), as diffusers draws it."
+        eps = randn_tensor(self.mean.shape, generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:

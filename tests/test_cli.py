@@ -58,7 +58,7 @@ def test_missing_model_one_line(tmp_path, capsys):
 
 def test_grid_shapes():
     ims = [Image.new('L', (8, 4)) for _ in range(7)]
-    assert grid(ims).size == (24, 12) and grid(ims[:2]).size == (16, 8) and grid(ims[:1]).size == (8, 4)
+    assert grid(ims).size == (24, 12) and grid(ims[:2]).size == (16, 4) and grid(ims[:1]).size == (8, 4)
 
 
 def test_train_mnist_interrupted_then_resumed(run_dir):

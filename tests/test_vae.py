@@ -83,6 +83,8 @@ def test_diagonal_gaussian_sample_matches_reference():
     assert_close(z, ref.sample(torch.Generator().manual_seed(3)))
     assert not torch.allclose(z, ours.sample(torch.Generator().manual_seed(4)))
     assert torch.equal(ours.mode(), params[:, :4])
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6, 7)]   # one generator per batch item
+    assert_close(ours.sample(gens()), ref.sample(gens()))
 
 def test_diagonal_gaussian_kl_and_clamp():
     params = torch.randn(4, 6, 3, 2) * 3
