@@ -47,20 +47,9 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Models: the reference (diffusers / transformers) with random or loaded weights, minisd sharing its tensors
-@contextmanager
-def empty_weights():
-    "Parameters created inside go to the meta device (no memory, no random init); buffers are created as usual."
-    register = torch.nn.Module.register_parameter
-    def on_meta(self, name, param):
-        register(self, name, param)
-        if param is not None: self._parameters[name] = torch.nn.Parameter(param.to('meta'), requires_grad=param.requires_grad)
-    torch.nn.Module.register_parameter = on_meta
-    try: yield
-    finally: torch.nn.Module.register_parameter = register
-
-
 def share(ours_cls, config, ref:torch.nn.Module) -> torch.nn.Module:
     "minisd module of class `ours_cls` built without memory or init, holding `ref`'s very tensors (same weights, held once)."
+    from minisd.checkpoints import empty_weights
     with empty_weights(): ours = ours_cls(config)
     ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
     return ours.to(next(ref.parameters()).device).eval()
@@ -95,7 +84,8 @@ def reference_models(args, dtype, device):
         print(f"random full-size SD 1.5 weights built in {time.perf_counter() - t0:.1f} s")
         tok_dir, sched_cfg = random_tokenizer_dir(), None
     mf = torch.channels_last if args.channels_last else torch.preserve_format
-    models = [m.to(device=device, dtype=dtype, memory_format=mf).eval() for m in (unet, vae, text)]
+    models = [m.to(device=device, memory_format=mf).eval() for m in (unet, vae, text)]
+    if dtype != torch.float32: models = [m.to(dtype=dtype) for m in models]
     return (*models, tok_dir, sched_cfg)
 
 
@@ -238,6 +228,7 @@ def main(argv=None):
     e2e = torch.device(device).type == 'cuda' if args.e2e is None else args.e2e
     comps = [c for c in args.components.split(',') if c]
     import diffusers, transformers
+    for lib in (diffusers, transformers): lib.logging.set_verbosity_error(); lib.utils.logging.disable_progress_bar()
     gpu = torch.cuda.get_device_name() if torch.device(device).type == 'cuda' else platform.processor() or platform.machine()
     print(f"minisd vs diffusers {diffusers.__version__} / transformers {transformers.__version__}; torch {torch.__version__}; "
           f"{device} ({gpu}), {args.dtype}, threads {torch.get_num_threads()}, channels_last {args.channels_last}, "

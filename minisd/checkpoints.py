@@ -5,6 +5,7 @@
 # %% ../nbs/14_checkpoints.ipynb #d27189df
 from __future__ import annotations
 import os, re, json, warnings
+from contextlib import contextmanager
 from pathlib import Path
 import torch
 
@@ -12,11 +13,12 @@ import torch
 __all__ = ['WEIGHTS_STEMS', 'LDM_SCHEDULE_BUFFERS', 'IGNORED_KEYS', 'LDM_PREFIXES', 'RESNET_RENAMES', 'UNET_RENAMES',
            'VAE_RENAMES', 'OPEN_CLIP_RENAMES', 'SD_SCHEDULER_CONFIG', 'HUB_COMPONENTS', 'SD_TOKENIZER_REPOS',
            'TOKENIZER_FILES', 'read_weights_file', 'load_state_dict_file', 'component_weights_files',
-           'load_component_weights', 'CheckpointError', 'check_state_dict', 'load_into', 'split_ldm_checkpoint',
-           'count_params', 'ldm_unet_key', 'unet_config_from_ldm', 'convert_ldm_unet', 'ldm_vae_key', 'convert_ldm_vae',
-           'vae_config_from_ldm', 'convert_ldm_clip', 'convert_open_clip', 'text_config_from_state_dict',
-           'ldm_prediction_type', 'scheduler_config_from_ldm', 'use_ema_weights', 'convert_ldm_checkpoint',
-           'hub_allow_patterns', 'download', 'resolve_tokenizer', 'read_original_config', 'load_single_file']
+           'load_component_weights', 'CheckpointError', 'check_state_dict', 'load_into', 'empty_weights',
+           'split_ldm_checkpoint', 'count_params', 'ldm_unet_key', 'unet_config_from_ldm', 'convert_ldm_unet',
+           'ldm_vae_key', 'convert_ldm_vae', 'vae_config_from_ldm', 'convert_ldm_clip', 'convert_open_clip',
+           'text_config_from_state_dict', 'ldm_prediction_type', 'scheduler_config_from_ldm', 'use_ema_weights',
+           'convert_ldm_checkpoint', 'hub_allow_patterns', 'download', 'resolve_tokenizer', 'read_original_config',
+           'load_single_file']
 
 # %% ../nbs/14_checkpoints.ipynb #0b546971
 def read_weights_file(path) -> dict:
@@ -121,12 +123,29 @@ def _align_prefix(expected, sd:dict) -> dict:
     if (p := common(sd)) and not any(k.startswith(p) for k in expected): return {k[len(p):]: v for k, v in sd.items()}
     return sd
 
-def load_into(module:torch.nn.Module, state_dict:dict, ignore=IGNORED_KEYS, n:int=10):
+def load_into(module:torch.nn.Module, state_dict:dict, ignore=IGNORED_KEYS, n:int=10,
+              assign:bool=False, # the module takes the checkpoint's tensors instead of copying them (see `empty_weights`)
+              dtype=None, device=None): # with `assign`: cast/move each tensor as it goes in (default dtype: the module's)
     "Load `state_dict` into `module` strictly (keys matching an `ignore` regex dropped), errors naming keys; returns `module`."
     expected = module.state_dict()
     sd = check_state_dict(expected, _align_prefix(expected, state_dict), ignore, n, name=type(module).__name__)
-    module.load_state_dict(sd, strict=True)
+    if assign:
+        sd = {k: v.to(device=device, dtype=dtype or expected[k].dtype).contiguous() if v.is_floating_point() else v.to(device)
+              for k, v in sd.items()}
+    module.load_state_dict(sd, strict=True, assign=assign)
     return module
+
+# %% ../nbs/14_checkpoints.ipynb #b7d66c0d
+@contextmanager
+def empty_weights():
+    "Modules built inside get their parameters on the meta device (no memory, no random init); buffers are built as usual."
+    register = torch.nn.Module.register_parameter
+    def on_meta(self, name, param):
+        register(self, name, param)
+        if param is not None: self._parameters[name] = torch.nn.Parameter(param.to('meta'), requires_grad=param.requires_grad)
+    torch.nn.Module.register_parameter = on_meta
+    try: yield
+    finally: torch.nn.Module.register_parameter = register
 
 # %% ../nbs/14_checkpoints.ipynb #8a47a42b
 LDM_PREFIXES = {'unet': 'model.diffusion_model.', 'vae': 'first_stage_model.',
@@ -453,11 +472,11 @@ def load_single_file(path, prediction_type:str|None=None, config:dict|None=None,
     for k in ('vae', 'text_encoder'):
         if c[k] is None: raise CheckpointError(f"{path} has no {k} weights ({LDM_PREFIXES['vae' if k == 'vae' else 'clip']}...): "
                                                "a U-Net-only file is not a full Stable Diffusion checkpoint")
-    unet = load_into(UNet(UNetConfig.from_dict(c['unet_config'])), c['unet'])
-    vae = load_into(AutoencoderKL(VAEConfig.from_dict(c['vae_config'])), c['vae'])
-    text_encoder = load_into(CLIPTextModel(CLIPTextConfig.from_dict(c['text_encoder_config'])), c['text_encoder'])
+    with empty_weights():   # built without memory or random init, then given the checkpoint's tensors
+        models = dict(unet=UNet(UNetConfig.from_dict(c['unet_config'])), vae=AutoencoderKL(VAEConfig.from_dict(c['vae_config'])),
+                      text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(c['text_encoder_config'])))
+    models = {k: load_into(m, c[k], assign=True, dtype=torch_dtype, device=device).to(device=device, dtype=torch_dtype)
+              for k, m in models.items()}
     sd2 = c['text_encoder_config']['hidden_act'] == 'gelu'
-    models = dict(unet=unet, vae=vae, text_encoder=text_encoder)
-    models = {k: m.to(device=device, dtype=torch_dtype) for k, m in models.items()}
     scheduler = scheduler or DDIMScheduler.from_config(c['scheduler_config'])
     return StableDiffusion(**{k: m.eval() for k, m in models.items()}, tokenizer=resolve_tokenizer(tokenizer, sd2, path.parent), scheduler=scheduler)

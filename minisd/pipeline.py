@@ -367,13 +367,14 @@ COMPONENT_BUILDERS = {"unet": lambda d: UNet(UNetConfig.from_dict(d)),
 def load_component(root, component:str, # "unet", "vae" or "text_encoder"
                    variant:str|None=None, dtype=None, device=None) -> nn.Module:
     "Build `component` from `root/component/config.json` and load its weights strictly."
-    from minisd.checkpoints import load_state_dict_file, load_into, component_weights_files
+    from minisd.checkpoints import load_state_dict_file, load_into, component_weights_files, empty_weights
     folder = Path(root)/component
     if not folder.is_dir(): raise FileNotFoundError(f"component folder {component!r} not found: {folder}")
-    model = COMPONENT_BUILDERS[component](read_json(folder/"config.json", f"{component} config"))
+    config = read_json(folder/"config.json", f"{component} config")
+    with empty_weights(): model = COMPONENT_BUILDERS[component](config)   # no memory, no random init
     sd = {}
     for f in component_weights_files(folder, variant): sd.update(load_state_dict_file(f))
-    load_into(model, sd)
+    load_into(model, sd, assign=True, dtype=dtype, device=device)         # the model takes the file's tensors
     return model.to(device=device, dtype=dtype).eval()
 
 # %% ../nbs/12_pipeline.ipynb #492d07a2

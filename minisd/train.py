@@ -57,9 +57,13 @@ class MnistRecipe:
 # %% ../nbs/13_mini_sd.ipynb #b83e07ad
 def is_finished(ckpt, # a `Learner` checkpoint
                 n_epochs:int) -> bool: # the length of the run
-    "Was the checkpoint written at the end of epoch `n_epochs`?"
+    "Was the checkpoint written at the end of epoch `n_epochs` (or later)? A checkpoint of a run of another length raises."
     p = load_state(ckpt)['pos']
-    return p['epoch'] >= n_epochs and p['iter'] == 0
+    if p['epoch'] >= n_epochs and p['iter'] == 0: return True
+    if p['n_epochs'] != n_epochs:   # its one-cycle schedule can't be stretched: say so instead of failing midway
+        raise ValueError(f"{ckpt} is from a {p['n_epochs']}-epoch run (at epoch {p['epoch']}), this one has {n_epochs} epochs: "
+                         f"rerun with the same number of epochs, or delete the file to retrain this stage")
+    return False
 
 def fit_stage(learn:Learner, n_epochs:int, # train for this many epochs
               ckpt=None, # checkpoint file: resume from it, save to it (None: no checkpoints)

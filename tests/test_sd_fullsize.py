@@ -15,6 +15,7 @@ from minisd.clip import CLIPTextModel, CLIPTextConfig
 from minisd.tokenizer import CLIPTokenizer
 from minisd.pipeline import StableDiffusion
 from minisd.schedulers import DDIMScheduler
+from minisd.checkpoints import empty_weights
 
 diffusers = pytest.importorskip('diffusers')
 transformers = pytest.importorskip('transformers')
@@ -35,13 +36,9 @@ def free_memory():
 
 
 def share(ours_cls, config, ref:torch.nn.Module) -> torch.nn.Module:
-    "A minisd module holding `ref`'s tensors: built on the meta device (no memory, no init), then `assign`ed."
-    with torch.device('meta'): ours = ours_cls(config)
+    "A minisd module holding `ref`'s tensors: parameters built on the meta device (no memory, no init), then `assign`ed."
+    with empty_weights(): ours = ours_cls(config)
     ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
-    for name, b in list(ours.named_buffers()):   # buffers outside the state dict (CLIP's position_ids) are rebuilt
-        if b.is_meta:
-            mod, _, attr = name.rpartition('.')
-            setattr(ours.get_submodule(mod), attr, torch.arange(b.shape[-1]).expand(b.shape).clone())
     return ours.eval()
 
 
