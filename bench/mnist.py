@@ -21,7 +21,7 @@ def _configs():
             'mnist preset + cross-attn (32,64,128) 32px': (UNetConfig.mnist(cross_attention_dim=64), 32, True)}
 
 
-def throughput(bs=64, rounds=5):
+def throughput(bs=64, rounds=8):
     "Training images/s (forward + backward + AdamW step) of minisd's UNet and diffusers' UNet2DConditionModel, same weights."
     from diffusers import UNet2DConditionModel
     from minisd.unet import UNet
@@ -47,8 +47,8 @@ def throughput(bs=64, rounds=5):
             step()  # warm-up
             fns[k] = step
         times = {k: [] for k in fns}
-        for _ in range(rounds):  # interleaved, so a busy neighbour slows both alike
-            for k, f in fns.items():
+        for i in range(rounds):  # interleaved, alternating who goes first, so a busy neighbour slows both alike
+            for k, f in (list(fns.items()) if i % 2 == 0 else list(fns.items())[::-1]):
                 t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append(dict(config=name, params=sum(p.numel() for p in ours.parameters()), max_abs_diff=err,

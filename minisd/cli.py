@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
     t = sub.add_parser('train-mnist', help='train VAE, CLIP and U-Net on MNIST and save the pipeline (resumable)')
     t.add_argument('--out', required=True, help='output folder: the pipeline, samples.png, checkpoints/')
-    t.add_argument('--epochs', type=_positive, help='U-Net epochs (default: the recipe\'s 16)')
+    t.add_argument('--epochs', type=_positive, help='U-Net epochs (default: the recipe\'s 20)')
     t.add_argument('--fast', action='store_true', help='a seconds-long smoke test on 256 digits (not a useful model)')
     t.add_argument('--seed', type=int, default=0)
     t.add_argument('--data', default='auto', help="MNIST source: auto, embedded, hub, or a folder (default: auto)")

@@ -102,7 +102,8 @@ def generate(unet:UNet, # a class-conditional U-Net
     g = torch.Generator().manual_seed(seed)
     c, S = unet.config.in_channels, unet.config.sample_size
     x_T = torch.randn(len(labels), c, S, S, generator=g)
+    kw = dict(use_clipped_model_output=True) if isinstance(scheduler, DDIMScheduler) else {}   # see below
     out = [sample(ClassifierFreeGuidance(unet, lb, guidance_scale, None if u is None else u[i:i + bs]), scheduler,
-                  x_T[i:i + bs], num_inference_steps, generator=g)
+                  x_T[i:i + bs], num_inference_steps, generator=g, **kw)
            for i, lb in zip(range(0, len(labels), bs), labels.split(bs))]
     return ((torch.cat(out) + 1) / 2).clamp(0, 1)

@@ -37,12 +37,12 @@ class MnistRecipe:
     "Sizes and training budgets of the mini Stable Diffusion (default: ~10 minutes on a 2-core CPU)."
     n_train:int|None = 4000   # training digits used (the embedded set has 4,000; None: all there are)
     bs:int = 128              # batch size of every stage
-    vae_epochs:int = 4
+    vae_epochs:int = 8
     vae_lr:float = 2e-3
     kl_weight:float = 1e-4    # weight of the KL term per latent value, vs. the per-pixel MSE
     clip_epochs:int = 10
     clip_lr:float = 3e-3
-    unet_epochs:int = 16
+    unet_epochs:int = 20
     unet_lr:float = 2e-3
     unet_channels:tuple = (32, 64, 128)  # U-Net widths at latent sizes 8, 4, 2
     p_uncond:float = 0.1      # caption dropout to "" (for classifier-free guidance)
@@ -103,7 +103,7 @@ def latent_scaling_factor(mean:torch.Tensor, std:torch.Tensor) -> float:
 # %% ../nbs/13_mini_sd.ipynb #d80fa4ac
 def train_vae(x:torch.Tensor, # images (N,1,32,32) in [-1, 1]
               config:VAEConfig|None=None, # default `VAEConfig.mnist()` (1x32x32 -> 4x8x8)
-              epochs:int=4, lr:float=2e-3, bs:int=128, kl_weight:float=1e-4,
+              epochs:int=8, lr:float=2e-3, bs:int=128, kl_weight:float=1e-4,
               ckpt=None, # resumable checkpoint file
               device=None, progress:bool=True) -> AutoencoderKL:
     "Train an `AutoencoderKL` on `x` and set its `config.scaling_factor` from the latents."
@@ -177,7 +177,7 @@ def latent_unet_config(vae_config:VAEConfig, text_config:CLIPTextConfig, channel
 def train_latent_unet(latents:tuple, y:torch.Tensor, # (scaled posterior means, stds) `(N,c,h,w)`, digits `(N,)`
                       text_encoder:CLIPTextModel, tokenizer:CLIPTokenizer,
                       config:UNetConfig, # e.g. from `latent_unet_config`
-                      epochs:int=16, lr:float=2e-3, bs:int=128, p_uncond:float=0.1,
+                      epochs:int=20, lr:float=2e-3, bs:int=128, p_uncond:float=0.1,
                       ckpt=None, # resumable checkpoint file
                       device=None, progress:bool=True) -> UNet:
     "Train a text-conditioned U-Net on VAE latents (frozen text encoder, caption dropout for CFG)."
