@@ -116,8 +116,7 @@ def main(argv:list[str]|None=None) -> int: # arguments (default: `sys.argv[1:]`)
         if args.command == 'generate': print(f"saved {generate(args)}")
         else: print(f"saved the pipeline to {train(args)}")
     except (CLIError, FileNotFoundError, ValueError) as e:
-        msg = str(e).strip('"\'')
-        print(f"minisd {args.command}: error: {msg}", file=sys.stderr)
+        print(f"minisd {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"minisd {args.command}: interrupted" + (" (run the same command again to resume)" if args.command == 'train-mnist' else ''), file=sys.stderr)

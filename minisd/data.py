@@ -101,7 +101,7 @@ def hub_reachable(host:str='huggingface.co', port:int=443, timeout:float=1.5) ->
     ok = []
     def probe():
         try: socket.create_connection((host, port), timeout=timeout).close(); ok.append(True)
-        except OSError: pass
+        except Exception: pass  # unreachable, refused, unresolvable...
     t = threading.Thread(target=probe, daemon=True); t.start(); t.join(timeout)  # DNS ignores socket timeouts
     return bool(ok)
 

@@ -94,6 +94,7 @@ def generate(unet:UNet, # a class-conditional U-Net
              scheduler=None, # default: DDIM with 'trailing' timesteps
              uncond_labels=None, # (N,) or one label for eps_u: a negative class (default: the null class)
              seed:int=0, # seeds x_T (and a stochastic sampler's noise)
+             eta:float=1., # DDIM only: 0 deterministic (Eq. 12 of Song et al. 2021), 1 DDPM-like fresh noise
              bs:int=250) -> torch.Tensor: # samples per batch
     "Draw digits with classifier-free guidance; returns `(N, 1, H, W)` images in [0, 1]."
     scheduler = scheduler or DDIMScheduler(num_train_timesteps=1000, beta_schedule='linear', timestep_spacing='trailing')
@@ -102,7 +103,7 @@ def generate(unet:UNet, # a class-conditional U-Net
     g = torch.Generator().manual_seed(seed)
     c, S = unet.config.in_channels, unet.config.sample_size
     x_T = torch.randn(len(labels), c, S, S, generator=g)
-    kw = dict(use_clipped_model_output=True) if isinstance(scheduler, DDIMScheduler) else {}   # see below
+    kw = dict(use_clipped_model_output=True, eta=eta) if isinstance(scheduler, DDIMScheduler) else {}   # see below
     out = [sample(ClassifierFreeGuidance(unet, lb, guidance_scale, None if u is None else u[i:i + bs]), scheduler,
                   x_T[i:i + bs], num_inference_steps, generator=g, **kw)
            for i, lb in zip(range(0, len(labels), bs), labels.split(bs))]
