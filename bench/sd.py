@@ -10,7 +10,7 @@ Load (`--load DIR`): `StableDiffusion.from_pretrained(DIR)` vs `diffusers.Stable
 Weights are random at full SD 1.5 size unless `--model` names a pipeline folder or hub id; minisd's modules share
 the reference modules' tensors (`load_state_dict(assign=True)`), so the weights are the same and held once.
 
-CPU fp32 (the default):   python bench/sd.py --warmup 1 --repeats 3
+CPU fp32 (the default):   python bench/sd.py --warmup 1 --repeats 3 [--threads 1 on a shared, loaded machine]
 GPU:                      python bench/sd.py --device cuda --dtype fp16 --warmup 3 --repeats 10 --e2e [--channels-last]
 Real weights:             python bench/sd.py --device cuda --dtype fp16 --e2e --model stable-diffusion-v1-5/stable-diffusion-v1-5
 Loading:                  python bench/sd.py --save-random /tmp/sd15-random && python bench/sd.py --load /tmp/sd15-random --components ''

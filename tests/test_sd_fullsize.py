@@ -4,7 +4,8 @@ What test_unet.py / test_vae.py already cover at full size is not repeated here 
 32x32 latents). Added: both text encoders (SD 1.5: OpenAI CLIP ViT-L/14; SD 2.1: OpenCLIP ViT-H/14, 23 layers), the SD 2.1
 U-Net (linear projections, per-level heads, 1024-wide text, upcast attention) at CFG batch 2, the VAE encoder at
 256x256, and a whole txt2img run of both pipelines at full model size (64x64 pixels, 2 DDIM steps, CFG, negative prompt).
-Run with `pytest -q tests/test_sd_fullsize.py --runslow -s` (-s prints timings).
+Run with `pytest -q tests/test_sd_fullsize.py --runslow -s` (-s prints timings); ~2 min with OMP_NUM_THREADS=1 on a
+shared 2-core machine (two threads there are oversubscribed and take ~13 min).
 """
 import gc, time
 import pytest, torch
