@@ -30,3 +30,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason='slow: use --runslow or MINISD_SLOW=1'))
         if 'gpu' in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason='gpu: no CUDA device'))
+
+
+@pytest.fixture(scope='session', autouse=True)
+def one_thread():
+    "One torch thread per test process: the models here are tiny, and on a small or shared CPU more threads oversubscribe it."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(int(os.environ.get('MINISD_TEST_THREADS', 1)))
+    yield
+    torch.set_num_threads(n)

@@ -8,13 +8,6 @@ dsf = pytest.importorskip('diffusers.loaders.single_file_utils')
 from diffusers import UNet2DConditionModel, AutoencoderKL
 from transformers import CLIPTextModel as HFCLIPTextModel, CLIPTextConfig as HFCLIPTextConfig
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Tiny models: one thread is as fast, and much faster on a shared, oversubscribed CPU."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # ---------------------------------------------------------------------------------------------------------------
 # The inverse mapping (diffusers -> LDM), written independently of minisd.checkpoints: diffusers' converter must
 # map its output back to the original (that checks this inverse), and so must ours (that checks ours).

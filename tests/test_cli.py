@@ -8,14 +8,6 @@ from minisd.cli import main, build_parser, grid
 from minisd.learner import load_state
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Tiny models: one thread is as fast, and much faster when other jobs share the cores."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
     "A `train-mnist --fast` run that is interrupted in the U-Net stage, then rerun to completion."

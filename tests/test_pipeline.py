@@ -29,13 +29,6 @@ ATOL = dict(atol=2e-4, rtol=1e-4)
 
 def gen(seed): return torch.Generator().manual_seed(seed)
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "Tiny models: one thread avoids oversubscribing a shared CPU (10x faster here under load)."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope='module')
 def tokenizer(): return CLIPTokenizer.train(CAPTIONS, vocab_size=600)
 
