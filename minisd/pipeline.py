@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_pipeline.ipynb #8e3edef5
 from __future__ import annotations
-import inspect, json, re, warnings
+import copy, inspect, json, re, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import torch
@@ -162,9 +162,14 @@ def denoise(self:StableDiffusion, latents:torch.Tensor, timesteps, embeds:torch.
 # %% ../nbs/12_pipeline.ipynb #0432e813
 @patch
 def decode_latents(self:StableDiffusion, latents:torch.Tensor) -> torch.Tensor:
-    "Images `(B,C,H,W)` in `[0,1]` from diffusion latents."
-    x = self.vae.decode(latents / self.vae.config.scaling_factor)
-    return (x / 2 + 0.5).clamp(0, 1)
+    "Images `(B,C,H,W)` in `[0,1]` (fp32) from diffusion latents; a half-precision VAE that overflows is re-run in fp32."
+    z = latents / self.vae.config.scaling_factor
+    vae_dtype = next(self.vae.parameters()).dtype
+    x = self.vae.decode(z.to(vae_dtype))
+    if vae_dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(x).all():
+        warnings.warn(f"the {vae_dtype} VAE decoder overflowed (non-finite pixels); decoding again in float32")
+        x = copy.deepcopy(self.vae).float().decode(z.float())
+    return (x.float() / 2 + 0.5).clamp(0, 1)
 
 # %% ../nbs/12_pipeline.ipynb #2ca78683
 @patch
