@@ -398,6 +398,10 @@ def download(repo_id:str, variant:str|None=None, revision:str|None=None, cache_d
         from huggingface_hub import constants
         raise RuntimeError(f"cannot download {repo_id}: HF_HUB_OFFLINE is set and it is not (completely) in the cache at "
                            f"{cache_dir or constants.HF_HUB_CACHE}; pass a local folder or single file instead")
+    from minisd.data import hub_reachable
+    if not hub_reachable():  # fail in ~1 s instead of the hub client's retries
+        raise RuntimeError(f"{repo_id!r} is not a local file or folder, and cannot be downloaded: huggingface.co is not "
+                           "reachable (no network?) and it is not in the cache; pass a local folder or single file instead")
     try:
         files = HfApi().list_repo_files(repo_id, revision=revision)
         folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,

@@ -294,6 +294,16 @@ def test_download_offline_fails_fast_and_clearly(tmp_path, monkeypatch):
         download('some-user/some-model', cache_dir=tmp_path/'cache')
     assert time.time() - t < 10
 
+
+def test_download_unreachable_hub_fails_fast_and_clearly(tmp_path, monkeypatch):
+    "No offline flag set, but no network (or a mistyped local path like 'runs/mnist'): a clear error within seconds."
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+    monkeypatch.setattr('minisd.data.hub_reachable', lambda *a, **k: False)
+    t = time.time()
+    with pytest.raises(RuntimeError, match=r"'runs/missing' is not a local file or folder.*not reachable"):
+        download('runs/missing', cache_dir=tmp_path/'cache')
+    assert time.time() - t < 5
+
 # ---------------------------------------------------------------------------------------------------------------
 # Model level: minisd modules built from the inferred configs give the reference modules' outputs
 
