@@ -21,7 +21,7 @@ from .ddpm import ddpm_loss
 from .pipeline import StableDiffusion
 
 # %% auto #0
-__all__ = ['SD_SCHEDULE', 'pad32', 'MnistRecipe', 'is_finished', 'fit_stage', 'vae_step', 'encode_latents',
+__all__ = ['MNIST_SCHEDULE', 'pad32', 'MnistRecipe', 'is_finished', 'fit_stage', 'vae_step', 'encode_latents',
            'latent_scaling_factor', 'train_vae', 'mnist_tokenizer', 'mnist_clip_config', 'train_clip',
            'text_encoder_from_clip', 'caption_embeddings', 'latent_diffusion_step', 'sd_ddim_scheduler',
            'latent_unet_config', 'train_latent_unet', 'digit_grid', 'train_mnist']
@@ -162,11 +162,11 @@ def latent_diffusion_step(scheduler, # the training noise schedule (DDPM)
     return step
 
 # %% ../nbs/13_mini_sd.ipynb #5dc1c21f
-SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear')
+MNIST_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule='squaredcos_cap_v2')  # cosine: see above
 
 def sd_ddim_scheduler() -> DDIMScheduler:
-    "DDIM with Stable Diffusion 1.x's noise schedule and settings."
-    return DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    "DDIM with the MNIST latents' noise schedule and Stable Diffusion 1.x's other settings."
+    return DDIMScheduler(**MNIST_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 def latent_unet_config(vae_config:VAEConfig, text_config:CLIPTextConfig, channels:tuple=(32, 64, 128)) -> UNetConfig:
     "The MNIST U-Net for the VAE's latents, cross-attending to the text encoder's hidden states."
@@ -182,7 +182,7 @@ def train_latent_unet(latents:tuple, y:torch.Tensor, # (scaled posterior means, 
                       device=None, progress:bool=True) -> UNet:
     "Train a text-conditioned U-Net on VAE latents (frozen text encoder, caption dropout for CFG)."
     unet = UNet(config)
-    step = latent_diffusion_step(DDPMScheduler(**SD_SCHEDULE), *caption_embeddings(text_encoder, tokenizer), p_uncond)
+    step = latent_diffusion_step(DDPMScheduler(**MNIST_SCHEDULE), *caption_embeddings(text_encoder, tokenizer), p_uncond)
     learn = Learner(unet, get_dls((*latents, y), bs=bs), step=step, lr=lr, device=device, progress=progress)
     fit_stage(learn, epochs, ckpt, every=50)
     return unet
