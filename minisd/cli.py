@@ -115,7 +115,7 @@ def main(argv:list[str]|None=None) -> int: # arguments (default: `sys.argv[1:]`)
     try:
         if args.command == 'generate': print(f"saved {generate(args)}")
         else: print(f"saved the pipeline to {train(args)}")
-    except (CLIError, FileNotFoundError, ValueError) as e:
+    except (CLIError, OSError, ValueError, RuntimeError) as e:  # missing/corrupted files, bad values, no network
         print(f"minisd {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

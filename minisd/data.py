@@ -191,6 +191,9 @@ def load_mnist(split:str='train', # 'train' or 'valid' ('test'/'validation' are 
                 except Exception as e:
                     warnings.warn(f"minisd: loading {HUB_ID} failed ({e!r}): using the embedded digits", stacklevel=2)
                     source = 'embedded'
+        if source == 'hub' and not hub_cached_files(split) and (hf_offline() or not hub_reachable()):  # fail in ~1 s, not ~30
+            why = 'HF offline mode is set' if hf_offline() else 'huggingface.co is unreachable'
+            raise ConnectionError(f"cannot load {HUB_ID}: {why} and it is not cached; use source='embedded' or a local path")
         return _to_tensors(*(_embedded_arrays(split) if source == 'embedded' else _hub_arrays(split)))
     if isinstance(source, (str, os.PathLike)):
         p = Path(source).expanduser().resolve()

@@ -152,10 +152,22 @@ def test_hub_downloads_with_load_dataset(monkeypatch):
     calls = []
     def fake_load(name, split): calls.append((name, split)); return hf_dataset(imgs, labels)
     monkeypatch.setattr(datasets, 'load_dataset', fake_load)
+    monkeypatch.setattr(data, 'hf_offline', lambda: False); monkeypatch.setattr(data, 'hub_reachable', lambda *a, **k: True)
     x, y = load_mnist('valid', source='hub')
     assert calls == [('ylecun/mnist', 'test')] and x.shape == (10, 1, 28, 28)
     load_mnist('valid', source='hub'); assert len(calls) == 1  # cached in memory
 
+
+
+def test_hub_unreachable_fails_fast(monkeypatch):
+    "source='hub' with no network and no cache: a clear error at once, not the hub client's ~30 s of retries."
+    monkeypatch.setattr(data, 'hub_cached_files', lambda split: [])
+    monkeypatch.setattr(data, 'hf_offline', lambda: False); monkeypatch.setattr(data, 'hub_reachable', lambda *a, **k: False)
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match="unreachable.*source='embedded'"): load_mnist(source='hub')
+    assert time.time() - t0 < 2
+    monkeypatch.setattr(data, 'hf_offline', lambda: True)
+    with pytest.raises(ConnectionError, match='offline mode'): load_mnist(source='hub')
 
 # --- auto: falls back fast and deterministically
 def test_auto_offline_env_uses_embedded_without_probing(monkeypatch):
