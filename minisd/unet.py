@@ -489,6 +489,13 @@ class UNet(nn.Module):
                 class_labels:torch.Tensor|None=None        # (B,) int64 when the model has num_class_embeds
                ) -> torch.Tensor:                          # (B, out_channels, H, W), e.g. the predicted noise
         "Predict from `sample` at `timestep`, conditioned on text (`encoder_hidden_states`) and/or `class_labels`."
+        c = self.config
+        if sample.ndim != 4 or sample.shape[1] != c.in_channels:
+            raise ValueError(f"`sample` has to be (B, {c.in_channels}, H, W) for this U-Net, got {tuple(sample.shape)}")
+        if encoder_hidden_states is not None and self.has_cross_attention and (
+                encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != c.cross_attention_dim):
+            raise ValueError(f"`encoder_hidden_states` has to be (B, S, {c.cross_attention_dim}) for this U-Net, "
+                             f"got {tuple(encoder_hidden_states.shape)}")
         B = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         if t.ndim == 0: t = t[None]

@@ -149,3 +149,13 @@ def test_sd15_full_size_parity():
         got = ours(x, 981, ehs); t2 = time.time()
     print(f"SD1.5 U-Net forward: diffusers {t1-t0:.1f}s, minisd {t2-t1:.1f}s")
     assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_inputs_clear_errors():
+    "Mis-shaped inputs name the expected shape instead of failing deep inside a conv or matmul."
+    unet = UNet(UNetConfig.mnist(cross_attention_dim=16)).eval()
+    x, ehs = torch.randn(1, 1, 32, 32), torch.randn(1, 5, 16)
+    with pytest.raises(ValueError, match=r'\(B, 1, H, W\).*\(1, 3, 32, 32\)'): unet(torch.randn(1, 3, 32, 32), 10, ehs)
+    with pytest.raises(ValueError, match=r'\(B, S, 16\).*\(1, 5, 7\)'): unet(x, 10, torch.randn(1, 5, 7))
+    with pytest.raises(ValueError, match='pass encoder_hidden_states'): unet(x, 10)
+    with torch.no_grad(): assert unet(x, 10, ehs).shape == x.shape
