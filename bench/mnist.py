@@ -3,7 +3,7 @@
 
     OMP_NUM_THREADS=1 python bench/mnist.py                       # reuse runs/mnist_cfg (trained by nbs/08_guidance)
     OMP_NUM_THREADS=1 python bench/mnist.py --train               # (re)train the class-conditional model first
-    python bench/mnist.py --n 500 --n-ddpm 100 --skip-throughput  # more samples, metrics only
+    OMP_NUM_THREADS=1 python bench/mnist.py --seeds 3 --skip-throughput  # metrics only, 3 sample sets per DDIM row
 
 Figures go to stdout (and to --json if given); bench/RESULTS.md holds measured ones with date, machine and command.
 """
@@ -57,36 +57,50 @@ def throughput(bs=64, rounds=8):
     return rows
 
 
-def samplers(unet, scale, n, n_ddpm, metrics):
-    "Seconds per image and FID/KID/prompt accuracy for DDPM-1000 and DDIM-50/25/10 with classifier-free guidance."
-    from minisd.guidance import generate
-    from minisd.schedulers import DDPMScheduler, DDIMScheduler
+def samplers(unet, scale, n, n_ddpm, metrics, seeds=1):
+    """Seconds per image and FID/KID/prompt accuracy for DDPM-1000 and DDIM-50/25/10 with classifier-free guidance.
+    With several seeds, each seed draws a fresh set of `n` samples; the row reports their mean (and the FID spread)."""
+    from minisd.guidance import generate, mnist_scheduler
     rows = []
-    for name, steps, sch, count in [('DDPM-1000', 1000, DDPMScheduler(), n_ddpm),
-                                    ('DDIM-50', 50, DDIMScheduler(timestep_spacing='trailing'), n),
-                                    ('DDIM-25', 25, DDIMScheduler(timestep_spacing='trailing'), n),
-                                    ('DDIM-10', 10, DDIMScheduler(timestep_spacing='trailing'), n)]:
+    for name, steps, kind, count in [('DDPM-1000', 1000, 'ddpm', n_ddpm), ('DDIM-50', 50, 'ddim', n),
+                                     ('DDIM-25', 25, 'ddim', n), ('DDIM-10', 10, 'ddim', n)]:
         if count == 0: continue
         labels = torch.arange(10).repeat((count + 9) // 10)[:count]
-        t0 = time.perf_counter()
-        x = generate(unet, labels, scale, steps, scheduler=sch, seed=7)
-        dt = time.perf_counter() - t0
-        r = metrics(x, labels)
         b = metrics.baseline(count)
-        rows.append(dict(sampler=name, n=count, s_per_image=dt / count, fid=r['fid'], kid=r['kid'],
-                         prompt_accuracy=r['prompt_accuracy'], base_fid=b['fid'], base_kid=b['kid'],
-                         base_prompt_accuracy=b['prompt_accuracy']))
-        print(f"  {name}: {dt / count:.3f} s/image", file=sys.stderr)
+        runs, dt = [], 0.
+        for seed in range(7, 7 + (seeds if kind == 'ddim' else 1)):
+            t0 = time.perf_counter()
+            x = generate(unet, labels, scale, steps, scheduler=mnist_scheduler(kind), seed=seed)
+            dt += time.perf_counter() - t0
+            runs.append(metrics(x, labels))
+        mean = lambda k: statistics.fmean(r[k] for r in runs)
+        fids = [r['fid'] for r in runs]
+        rows.append(dict(sampler=name, n=count, seeds=len(runs), s_per_image=dt / (count * len(runs)), fid=mean('fid'),
+                         fid_min=min(fids), fid_max=max(fids), kid=mean('kid'), prompt_accuracy=mean('prompt_accuracy'),
+                         base_fid=b['fid'], base_kid=b['kid'], base_prompt_accuracy=b['prompt_accuracy']))
+        print(f"  {name}: {dt / (count * len(runs)):.3f} s/image, FID {fids}", file=sys.stderr)
     return rows
+
+
+def pick_scale(unet, metrics, n, scales=(1.1, 1.25, 1.5, 2., 3.), min_accuracy=0.95):
+    "As nbs/08_guidance does: the guided scale with the best FID among those reaching `min_accuracy` (DDIM-25, seed 2)."
+    from minisd.guidance import generate
+    labels = torch.arange(10).repeat((n + 9) // 10)[:n]
+    with torch.no_grad(): res = {s: metrics(generate(unet, labels, s, 25, seed=2), labels) for s in scales}
+    best = min(scales, key=lambda s: (res[s]['prompt_accuracy'] < min_accuracy, res[s]['fid']))
+    fids = ', '.join(f"s={s}: {r['fid']:.2f} ({r['prompt_accuracy']:.1%})" for s, r in res.items())
+    print(f"guidance scale {best} (FID and prompt accuracy by scale: {fids})")
+    return best
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--model', default=str(ROOT / 'runs' / 'mnist_cfg'), help='folder from save_unet (nbs/08_guidance)')
     ap.add_argument('--train', action='store_true', help='train the class-conditional model first (and save it to --model)')
-    ap.add_argument('--epochs', type=int, default=24)
+    ap.add_argument('--epochs', type=int, default=None, help='training epochs (default: train_class_unet\'s)')
     ap.add_argument('--scale', type=float, default=None, help='guidance scale (default: the one saved by the notebook, else 3)')
     ap.add_argument('--n', type=int, default=500, help='samples per DDIM sampler for the metrics')
+    ap.add_argument('--seeds', type=int, default=1, help='independent sample sets per DDIM sampler (FID: mean, min, max)')
     ap.add_argument('--n-ddpm', type=int, default=50, help='samples for DDPM-1000 (slow: 1000 steps)')
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice / OMP_NUM_THREADS)')
     ap.add_argument('--skip-throughput', action='store_true')
@@ -113,25 +127,31 @@ def main():
         model = Path(a.model)
         if a.train or not (model / 'config.json').exists():
             t0 = time.time()
-            learn = train_class_unet(epochs=a.epochs, progress=False)
+            learn = train_class_unet(**({} if a.epochs is None else {'epochs': a.epochs}), progress=False)
             secs = time.time() - t0
             save_unet(learn.model, model)
-            (model / 'train_time.json').write_text(json.dumps({'train_seconds': secs, 'epochs': a.epochs, 'steps': learn.n_steps}))
+            (model / 'guidance_scale.json').unlink(missing_ok=True)   # chosen for the old weights
+            (model / 'train_time.json').write_text(json.dumps({'train_seconds': secs, 'epochs': learn.n_epochs, 'steps': learn.n_steps}))
             print(f"\ntrained the class-conditional U-Net in {secs / 60:.1f} min -> {model}")
-        unet = load_unet(model)
+        unet, metrics = load_unet(model), MnistMetrics()
         tt = model / 'train_time.json'
         if tt.exists(): out['train'] = json.loads(tt.read_text())
         gs = model / 'guidance_scale.json'
-        scale = a.scale if a.scale is not None else (json.loads(gs.read_text())['guidance_scale'] if gs.exists() else 3.)
+        if a.scale is not None: scale = a.scale
+        elif gs.exists(): scale = json.loads(gs.read_text())['guidance_scale']
+        else:
+            scale = pick_scale(unet, metrics, a.n)
+            gs.write_text(json.dumps({'guidance_scale': scale}))
         out['guidance_scale'] = scale
-        with torch.no_grad(): out['samplers'] = samplers(unet, scale, a.n, a.n_ddpm, MnistMetrics())
+        with torch.no_grad(): out['samplers'] = samplers(unet, scale, a.n, a.n_ddpm, metrics, a.seeds)
         if 'train' in out: print(f"\nmodel: {model} (trained in {out['train']['train_seconds'] / 60:.1f} min, {out['train']['epochs']} epochs)")
         print(f"Samplers, classifier-free guidance s={scale}; real-vs-real baseline = held-out valid digits at the same n:")
-        print(f"{'sampler':11s}{'n':>5s}{'s/image':>9s}{'FID':>8s}{'base FID':>10s}{'FID/base':>10s}{'KID':>9s}{'base KID':>10s}"
-              f"{'prompt acc':>12s}{'base acc':>10s}")
+        print(f"{'sampler':11s}{'n':>5s}{'seeds':>6s}{'s/image':>9s}{'FID':>8s}{'FID range':>14s}{'base FID':>10s}{'FID/base':>10s}"
+              f"{'KID':>9s}{'base KID':>10s}{'prompt acc':>12s}{'base acc':>10s}")
         for r in out['samplers']:
-            print(f"{r['sampler']:11s}{r['n']:5d}{r['s_per_image']:9.3f}{r['fid']:8.2f}{r['base_fid']:10.2f}{r['fid'] / r['base_fid']:10.2f}"
-                  f"{r['kid']:9.4f}{r['base_kid']:10.4f}{r['prompt_accuracy']:12.3f}{r['base_prompt_accuracy']:10.3f}")
+            rng = f"{r['fid_min']:.2f}-{r['fid_max']:.2f}"
+            print(f"{r['sampler']:11s}{r['n']:5d}{r['seeds']:6d}{r['s_per_image']:9.3f}{r['fid']:8.2f}{rng:>14s}{r['base_fid']:10.2f}"
+                  f"{r['fid'] / r['base_fid']:10.2f}{r['kid']:9.4f}{r['base_kid']:10.4f}{r['prompt_accuracy']:12.3f}{r['base_prompt_accuracy']:10.3f}")
     if a.json: Path(a.json).write_text(json.dumps(out, indent=2))
 
 

@@ -18,7 +18,8 @@ from .schedulers import DDPMScheduler, DDIMScheduler
 from .ddpm import ddpm_loss, sample
 
 # %% auto #0
-__all__ = ['cfg_step', 'class_unet_config', 'train_class_unet', 'save_unet', 'load_unet', 'ClassifierFreeGuidance', 'generate']
+__all__ = ['CLASS_SCHEDULE', 'cfg_step', 'class_unet_config', 'train_class_unet', 'save_unet', 'load_unet',
+           'ClassifierFreeGuidance', 'mnist_scheduler', 'generate']
 
 # %% ../nbs/08_guidance.ipynb #12e71f17
 def cfg_step(scheduler, # the noise scheduler
@@ -32,11 +33,13 @@ def cfg_step(scheduler, # the noise scheduler
     return step
 
 # %% ../nbs/08_guidance.ipynb #cddcac6a
+CLASS_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule='linear')   # Ho et al. 2020's: beta 1e-4 -> 0.02
+
 def class_unet_config(**kwargs) -> UNetConfig:
     "The class-conditional MNIST U-Net: the mnist preset at 28x28, channels (16, 32, 64), 10 classes + a null class."
     return UNetConfig.mnist(**{**dict(sample_size=28, block_out_channels=(16, 32, 64), num_class_embeds=11), **kwargs})
 
-def train_class_unet(epochs:int=24, # passes over the training digits
+def train_class_unet(epochs:int=40, # passes over the training digits (5,000 steps of 32)
                      bs:int=32, lr:float=3e-3, # batch size, peak learning rate (one-cycle)
                      p_uncond:float=0.1, # label dropout for classifier-free guidance
                      n_train:int|None=None, # use only the first n training digits
@@ -49,7 +52,7 @@ def train_class_unet(epochs:int=24, # passes over the training digits
     if n_train is not None: x, y = x[:n_train], y[:n_train]
     cfg = class_unet_config(**config_kwargs)
     dls = get_dls((x * 2 - 1, y), bs=bs, drop_last=True, generator=torch.Generator().manual_seed(seed))
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule='linear')
+    sched = DDPMScheduler(**CLASS_SCHEDULE)
     learn = Learner(UNet(cfg), dls, step=cfg_step(sched, p_uncond, cfg.num_class_embeds - 1), lr=lr, device='cpu',
                     progress=False, cbs=[ProgressCB(plot=False)] if progress else [])
     learn.fit(epochs)
@@ -87,17 +90,24 @@ class ClassifierFreeGuidance:
         eps_c, eps_u = self.unet(torch.cat([x_t, x_t]), t, class_labels=torch.cat([self.c, self.u])).chunk(2)
         return eps_u + self.s * (eps_c - eps_u)
 
+def mnist_scheduler(kind:str='ddim', # 'ddim' ('trailing' timesteps) or 'ddpm'
+                    **kwargs) -> DDIMScheduler|DDPMScheduler: # overrides, e.g. `clip_sample=True`
+    "A sampler for the MNIST models: the training schedule (`CLASS_SCHEDULE`), predicted `x0` not clipped (see below)."
+    if kind not in ('ddim', 'ddpm'): raise ValueError(f"unknown sampler {kind!r}: use 'ddim' or 'ddpm'")
+    kw = {**CLASS_SCHEDULE, 'clip_sample': False, **({'timestep_spacing': 'trailing'} if kind == 'ddim' else {})}
+    return (DDIMScheduler if kind == 'ddim' else DDPMScheduler)(**{**kw, **kwargs})
+
 def generate(unet:UNet, # a class-conditional U-Net
              labels, # (N,) digits to draw (the null class: unconditional)
              guidance_scale:float=1., # classifier-free guidance scale s
              num_inference_steps:int=25, # sampler steps
-             scheduler=None, # default: DDIM with 'trailing' timesteps
+             scheduler=None, # default: `mnist_scheduler()`, DDIM with 'trailing' timesteps and no clipping
              uncond_labels=None, # (N,) or one label for eps_u: a negative class (default: the null class)
              seed:int=0, # seeds x_T (and a stochastic sampler's noise)
              eta:float=1., # DDIM only: 0 deterministic (Eq. 12 of Song et al. 2021), 1 DDPM-like fresh noise
              bs:int=250) -> torch.Tensor: # samples per batch
     "Draw digits with classifier-free guidance; returns `(N, 1, H, W)` images in [0, 1]."
-    scheduler = scheduler or DDIMScheduler(num_train_timesteps=1000, beta_schedule='linear', timestep_spacing='trailing')
+    scheduler = scheduler or mnist_scheduler()
     labels = torch.as_tensor(labels)
     u = None if uncond_labels is None else torch.as_tensor(uncond_labels).expand_as(labels)
     g = torch.Generator().manual_seed(seed)
