@@ -77,7 +77,8 @@ class ResnetBlock2D(nn.Module):
         if self.time_emb_proj is not None: h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         if self.conv_shortcut is not None: x = self.conv_shortcut(x)
-        return (x + h) / self.output_scale_factor   # (B, C_out, H, W)
+        x = x + h                                    # (B, C_out, H, W)
+        return x if self.output_scale_factor == 1 else x / self.output_scale_factor   # skip a no-op division
 
 # %% ../nbs/04_unet.ipynb #833c1844
 class Downsample2D(nn.Module):
@@ -213,7 +214,7 @@ class Transformer2DModel(nn.Module):
     def forward(self, x, encoder_hidden_states=None):   # x: (B, C, H, W)
         B, C, H, W = x.shape
         tokens = lambda t: t.permute(0, 2, 3, 1).reshape(B, H * W, t.shape[1])   # (B, C, H, W) -> (B, HW, C)
-        image = lambda t: t.reshape(B, H, W, t.shape[-1]).permute(0, 3, 1, 2)    # and back
+        image = lambda t: t.reshape(B, H, W, t.shape[-1]).permute(0, 3, 1, 2).contiguous()   # and back (contiguous: convs and adds stay fast)
         h = self.norm(x)
         if self.use_linear_projection: h = self.proj_in(tokens(h))   # Linear on the tokens (SD 2.x)
         else: h = tokens(self.proj_in(h))                            # 1x1 conv on the image (SD 1.x)
