@@ -102,6 +102,7 @@ def main():
     ap.add_argument('--n', type=int, default=500, help='samples per DDIM sampler for the metrics')
     ap.add_argument('--seeds', type=int, default=1, help='independent sample sets per DDIM sampler (FID: mean, min, max)')
     ap.add_argument('--n-ddpm', type=int, default=50, help='samples for DDPM-1000 (slow: 1000 steps)')
+    ap.add_argument('--rounds', type=int, default=8, help='interleaved timing rounds per implementation (throughput)')
     ap.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice / OMP_NUM_THREADS)')
     ap.add_argument('--skip-throughput', action='store_true')
     ap.add_argument('--skip-samplers', action='store_true')
@@ -114,8 +115,8 @@ def main():
     if not a.skip_throughput:
         import diffusers
         out['diffusers'] = diffusers.__version__
-        out['throughput'] = throughput()
-        print(f"\nTraining throughput (bs 64, fwd+bwd+AdamW), diffusers {diffusers.__version__}:")
+        out['throughput'] = throughput(rounds=a.rounds)
+        print(f"\nTraining throughput (bs 64, fwd+bwd+AdamW, median of {a.rounds} rounds), diffusers {diffusers.__version__}:")
         print(f"{'config':46s}{'params':>10s}{'minisd img/s':>14s}{'diffusers img/s':>17s}{'time ratio':>12s}{'max|diff|':>11s}")
         for r in out['throughput']:
             print(f"{r['config']:46s}{r['params']:10,d}{r['minisd_img_s']:14.1f}{r['diffusers_img_s']:17.1f}"
