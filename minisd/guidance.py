@@ -108,8 +108,12 @@ def generate(unet:UNet, # a class-conditional U-Net
              bs:int=250) -> torch.Tensor: # samples per batch
     "Draw digits with classifier-free guidance; returns `(N, 1, H, W)` images in [0, 1]."
     scheduler = scheduler or mnist_scheduler()
-    labels = torch.as_tensor(labels)
+    labels, k = torch.as_tensor(labels), unet.config.num_class_embeds
     u = None if uncond_labels is None else torch.as_tensor(uncond_labels).expand_as(labels)
+    for name, lb in (('labels', labels), ('uncond_labels', u)):
+        if lb is not None and (lb.ndim != 1 or not len(lb) or lb.is_floating_point() or lb.min() < 0 or lb.max() >= k):
+            raise ValueError(f"{name} must be a non-empty 1-d tensor of class ids in [0, {k - 1}] ({k - 1}: no label), "
+                             f"got {lb.tolist()}")
     g = torch.Generator().manual_seed(seed)
     c, S = unet.config.in_channels, unet.config.sample_size
     x_T = torch.randn(len(labels), c, S, S, generator=g)

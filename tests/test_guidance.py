@@ -73,3 +73,12 @@ def test_train_class_unet_tiny():
     assert learn.n_steps == 2 and not learn.model.training                      # 64 digits, batches of 32
     assert learn.model.config.num_class_embeds == 11
     assert len(learn.recorder.losses) == 2 and all(0 < l < 10 for l in learn.recorder.losses)   # one finite loss per step
+
+
+@pytest.mark.parametrize('labels', [[3, 11], [-1], [[1, 2]], [1.5], []])
+def test_generate_rejects_bad_labels(unet, labels):
+    with pytest.raises(ValueError, match=r'class ids in \[0, 10\]'): generate(unet, labels, 2., 2)
+
+
+def test_generate_rejects_a_bad_negative_label(unet):
+    with pytest.raises(ValueError, match='uncond_labels'): generate(unet, [1, 2], 2., 2, uncond_labels=12)
