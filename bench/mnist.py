@@ -84,10 +84,10 @@ def samplers(unet, scale, n, n_ddpm, metrics, seeds=1):
 
 def pick_scale(unet, metrics, n, scales=(1.1, 1.25, 1.5, 2., 3.), min_accuracy=0.95):
     "As nbs/08_guidance does: the guided scale with the best FID among those reaching `min_accuracy` (DDIM-25, seed 2)."
-    from minisd.guidance import generate
+    from minisd.guidance import generate, best_guidance_scale
     labels = torch.arange(10).repeat((n + 9) // 10)[:n]
     with torch.no_grad(): res = {s: metrics(generate(unet, labels, s, 25, seed=2), labels) for s in scales}
-    best = min(scales, key=lambda s: (res[s]['prompt_accuracy'] < min_accuracy, res[s]['fid']))
+    best = best_guidance_scale(res, min_accuracy)
     fids = ', '.join(f"s={s}: {r['fid']:.2f} ({r['prompt_accuracy']:.1%})" for s, r in res.items())
     print(f"guidance scale {best} (FID and prompt accuracy by scale: {fids})")
     return best
@@ -98,7 +98,7 @@ def main():
     ap.add_argument('--model', default=str(ROOT / 'runs' / 'mnist_cfg'), help='folder from save_unet (nbs/08_guidance)')
     ap.add_argument('--train', action='store_true', help='train the class-conditional model first (and save it to --model)')
     ap.add_argument('--epochs', type=int, default=None, help='training epochs (default: train_class_unet\'s)')
-    ap.add_argument('--scale', type=float, default=None, help='guidance scale (default: the one saved by the notebook, else 3)')
+    ap.add_argument('--scale', type=float, default=None, help='guidance scale (default: guidance_scale.json in --model, else picked as nbs/08_guidance does and saved there)')
     ap.add_argument('--n', type=int, default=500, help='samples per DDIM sampler for the metrics')
     ap.add_argument('--seeds', type=int, default=1, help='independent sample sets per DDIM sampler (FID: mean, min, max)')
     ap.add_argument('--n-ddpm', type=int, default=50, help='samples for DDPM-1000 (slow: 1000 steps)')

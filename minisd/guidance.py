@@ -19,7 +19,7 @@ from .ddpm import ddpm_loss, sample
 
 # %% auto #0
 __all__ = ['CLASS_SCHEDULE', 'cfg_step', 'class_unet_config', 'train_class_unet', 'save_unet', 'load_unet',
-           'ClassifierFreeGuidance', 'mnist_scheduler', 'generate']
+           'ClassifierFreeGuidance', 'mnist_scheduler', 'generate', 'best_guidance_scale']
 
 # %% ../nbs/08_guidance.ipynb #12e71f17
 def cfg_step(scheduler, # the noise scheduler
@@ -122,3 +122,11 @@ def generate(unet:UNet, # a class-conditional U-Net
                   x_T[i:i + bs], num_inference_steps, generator=g, **kw)
            for i, lb in zip(range(0, len(labels), bs), labels.split(bs))]
     return ((torch.cat(out) + 1) / 2).clamp(0, 1)
+
+# %% ../nbs/08_guidance.ipynb #77963941
+def best_guidance_scale(results:dict, # {scale: a `MnistMetrics` result with 'fid' and 'prompt_accuracy'}
+                        min_accuracy:float=0.95) -> float:
+    "The guided scale (s > 1) with the best FID among those reaching `min_accuracy` (if none does: the best FID)."
+    guided = [s for s in results if s > 1]
+    if not guided: raise ValueError(f"no guided scale (s > 1) among {list(results)}")
+    return min(guided, key=lambda s: (results[s]['prompt_accuracy'] < min_accuracy, results[s]['fid']))

@@ -2,7 +2,7 @@
 import json
 import pytest
 import torch
-from minisd.guidance import (CLASS_SCHEDULE, ClassifierFreeGuidance, class_unet_config, generate, load_unet, mnist_scheduler,
+from minisd.guidance import (CLASS_SCHEDULE, ClassifierFreeGuidance, best_guidance_scale, class_unet_config, generate, load_unet, mnist_scheduler,
                              save_unet, train_class_unet)
 from minisd.schedulers import DDIMScheduler, DDPMScheduler
 from minisd.unet import UNet
@@ -56,6 +56,16 @@ def test_generate_defaults_to_the_unclipped_sampler(unet):
 def test_generate_with_ddpm(unet):
     x = generate(unet, torch.tensor([0, 1]), 1., 4, scheduler=mnist_scheduler('ddpm'), seed=0)
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+    assert not torch.allclose(x, generate(unet, torch.tensor([0, 1]), 1., 4, seed=0))   # not the DDIM default
+
+
+def test_best_guidance_scale():
+    r = lambda fid, acc: dict(fid=fid, prompt_accuracy=acc)
+    res = {1.: r(0.3, 0.96), 1.1: r(0.5, 0.94), 1.25: r(0.8, 0.97), 2.: r(3., 0.99)}
+    assert best_guidance_scale(res) == 1.25                  # s = 1 is not guidance; 1.1 misses 95%
+    assert best_guidance_scale(res, min_accuracy=0.9) == 1.1
+    assert best_guidance_scale({2.: r(3., 0.5), 3.: r(5., 0.6)}) == 2.   # none reaches it: the best FID
+    with pytest.raises(ValueError, match='no guided scale'): best_guidance_scale({1.: r(0.3, 0.96)})
 
 
 def test_save_load_roundtrip(unet, tmp_path):
