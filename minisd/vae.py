@@ -163,3 +163,7 @@ class AutoencoderKL(nn.Module):
         "Reconstruct `x` through the latents (the posterior's mode, or a sample)."
         post = self.encode(x)
         return self.decode(post.sample(generator) if sample_posterior else post.mode())
+
+# %% ../nbs/09_vae.ipynb #a1b2c3d5
+AutoencoderKL.dtype = property(lambda self: next(self.parameters()).dtype, doc="The parameters' dtype, as diffusers' models have it.")
+AutoencoderKL.device = property(lambda self: next(self.parameters()).device, doc="The parameters' device, as diffusers' models have it.")

@@ -133,7 +133,7 @@ def test_pipeline_full_size_two_ddim_steps(version, tmp_path):
     pipe = StableDiffusion(share(UNet, UNetConfig.from_dict(dict(unet.config)), unet),
                            share(AutoencoderKL, VAEConfig.from_dict(dict(vae.config)), vae),
                            share(CLIPTextModel, TEXT[version](), text), CLIPTokenizer.from_pretrained(tmp_path), DDIMScheduler(**sched))
-    pipe.show_progress = False
+    pipe.set_progress_bar_config(disable=True)
     assert pipe.tokenizer('a red cube').tolist() == dp.tokenizer('a red cube', padding='max_length', return_tensors='pt').input_ids.tolist()
     kw = dict(prompt='a photograph of an astronaut riding a horse', negative_prompt='a red cube', num_inference_steps=2,
               guidance_scale=7.5, height=64, width=64, output_type='pt')
