@@ -79,7 +79,7 @@ def reference_models(args, dtype, device):
         torch.manual_seed(0)
         t0 = time.perf_counter()
         unet = diffusers.UNet2DConditionModel.from_config(UNetConfig.sd15().to_dict())
-        vae = diffusers.AutoencoderKL.from_config(VAEConfig.sd().to_dict())
+        vae = diffusers.AutoencoderKL.from_config(VAEConfig.sd15().to_dict())
         text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIPTextConfig.sd15().to_dict()))
         print(f"random full-size SD 1.5 weights built in {time.perf_counter() - t0:.1f} s")
         tok_dir, sched_cfg = random_tokenizer_dir(), None

@@ -46,9 +46,14 @@ class VAEConfig:
                              layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.), **kwargs})
 
     @classmethod
-    def sd(cls):
-        "The Stable Diffusion 1.x/2.x VAE (3x512x512 -> 4x64x64)."
-        return cls()
+    def sd15(cls, **kwargs):
+        "The Stable Diffusion 1.x VAE (3x512x512 -> 4x64x64)."
+        return cls(**kwargs)
+
+    @classmethod
+    def sd21(cls, **kwargs):
+        "The Stable Diffusion 2.x VAE: SD 1's, trained at 768x768."
+        return cls(**{'sample_size': 768, **kwargs})
 
     @classmethod
     def from_dict(cls, d:dict):

@@ -396,7 +396,7 @@ def test_full_size_configs_inferred(version):
     sd2 = version == 'sd21'
     with torch.device('meta'):
         unet = unet_mod.UNet(getattr(unet_mod.UNetConfig, version)())
-        vae = vae_mod.AutoencoderKL(vae_mod.VAEConfig.sd())
+        vae = vae_mod.AutoencoderKL(vae_mod.VAEConfig.sd15())
         te = clip_mod.CLIPTextModel(getattr(clip_mod.CLIPTextConfig, version)())
     ldm = {**unet_to_ldm(unet.state_dict(), 2), **vae_to_ldm(vae.state_dict(), 4),
            **(clip_to_open_clip(te.state_dict()) if sd2 else clip_to_ldm(te.state_dict()))}
