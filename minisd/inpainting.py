@@ -70,12 +70,12 @@ def _encode_sample(vae, x:torch.Tensor, # (n,C,H,W) images in [-1, 1]
 # %% ../nbs/22_inpainting.ipynb #b924a92f
 class StableDiffusionInpaint(StableDiffusion):
     "Repaint the masked part of an image from a prompt: a 9-channel inpainting U-Net, or any 4-channel U-Net by blending."
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
-        c, n = vae.config.latent_channels, unet.config.in_channels
-        if n not in (c, 2 * c + 1):
-            raise ValueError(f"StableDiffusionInpaint needs a U-Net with {2*c+1} input channels (latents, mask, masked-image "
-                             f"latents) or {c} (a text-to-image U-Net, blended); this one has {n}")
-        super().__init__(unet, vae, text_encoder, tokenizer, scheduler)
+    _diffusers_class = "StableDiffusionInpaintPipeline"
+
+    @classmethod
+    def _unet_in_channels(cls, latent_channels:int) -> tuple:
+        "A text-to-image U-Net (blended), or latents + mask + masked-image latents."
+        return (latent_channels, 2 * latent_channels + 1)
 
     def __call__(self, prompt:str|list[str], # what to paint in the masked region
                  image, # PIL image(s) or a tensor in [0,1], (B,C,H,W) or (C,H,W): 1, one per prompt or one per output

@@ -22,12 +22,12 @@ def instruct_pix2pix_guidance(eps:torch.Tensor, # (3B, ...) predictions for [ima
 # %% ../nbs/23_instruct_pix2pix.ipynb #f638a78f
 class StableDiffusionInstructPix2Pix(StableDiffusion):
     "Edit an image by following an instruction, with an 8-channel U-Net (noisy latents + the image's latents)."
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
-        c, n = vae.config.latent_channels, unet.config.in_channels
-        if n != 2 * c:
-            raise ValueError(f"StableDiffusionInstructPix2Pix needs a U-Net with {2*c} input channels (noisy latents and "
-                             f"the image's latents); this one has {n}")
-        super().__init__(unet, vae, text_encoder, tokenizer, scheduler)
+    _diffusers_class = "StableDiffusionInstructPix2PixPipeline"
+
+    @classmethod
+    def _unet_in_channels(cls, latent_channels:int) -> tuple:
+        "The noisy latents + the input image's latents."
+        return (2 * latent_channels,)
 
     def predict_noise(self, latent_model_input:torch.Tensor, # (B,c,h,w), after `scheduler.scale_model_input`
                       t, embeds:torch.Tensor, # (3B,77,D) = [instruction, uncond, uncond] with guidance, else (B,77,D)

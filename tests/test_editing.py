@@ -223,12 +223,27 @@ def test_instruct_pix2pix_bad_input(ip2p):
         pipe("make it bold", torch.rand(1, 2, 16, 16))
 
 def test_pipeline_classes_refuse_wrong_unet_channels(inpaint4, ip2p, inpaint9):
-    "Each class checks its U-Net's input channels, naming the count it needs and the one it got."
+    "Each class checks its U-Net's input channels, naming the counts it takes, the one it got and the class that fits."
     _, p4, d4 = inpaint4
-    parts = lambda p: dict(unet=p.unet, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, scheduler=p.scheduler)
-    with pytest.raises(ValueError, match=r'StableDiffusionInstructPix2Pix needs a U-Net with 8 input channels.*has 4'):
+    with pytest.raises(ValueError, match=r"StableDiffusionInstructPix2Pix needs a U-Net with 8 input channels.*has 4: "
+                                         r"it is StableDiffusionPipeline's U-Net, load it with minisd.StableDiffusion$"):
         StableDiffusionInstructPix2Pix.from_pretrained(d4)
-    with pytest.raises(ValueError, match=r'StableDiffusionInpaint needs a U-Net with 9 input channels.*has 8'):
-        StableDiffusionInpaint(**parts(ip2p[1]))
+    with pytest.raises(ValueError, match=r'StableDiffusionInpaint needs a U-Net with 4 or 9 input channels.*has 8: '
+                                         r'.*load it with minisd.StableDiffusionInstructPix2Pix$'):
+        StableDiffusionInpaint(**ip2p[1].components)
+    with pytest.raises(ValueError, match=r'StableDiffusion needs a U-Net with 4 input channels.*has 9: .*minisd.StableDiffusionInpaint$'):
+        StableDiffusion(**inpaint9[1].components)
     with pytest.raises(ValueError, match=r'needs a U-Net with 8 input channels.*has 9'):
-        StableDiffusionInstructPix2Pix(**parts(inpaint9[1]))
+        StableDiffusionInstructPix2Pix(**inpaint9[1].components)
+
+def test_saved_pipelines_name_their_class_and_load_in_diffusers(ip2p, inpaint9, tmp_path):
+    "save_pretrained writes the editing pipeline's diffusers class; diffusers' generic loader picks it and makes the same images."
+    for (dp, pipe, c), cls, kw in ((ip2p, diffusers.StableDiffusionInstructPix2PixPipeline, {}),
+                                   (inpaint9, diffusers.StableDiffusionInpaintPipeline, {'mask_image': half_mask()})):
+        d = pipe.save_pretrained(tmp_path/cls.__name__)
+        assert json.loads((d/'model_index.json').read_text())['_class_name'] == cls.__name__
+        theirs = diffusers.DiffusionPipeline.from_pretrained(d, safety_checker=None)
+        assert type(theirs) is cls
+        theirs.set_progress_bar_config(disable=True)
+        args = dict(prompt="make it bold", image=rand_image(5, c), num_inference_steps=3, output_type='pt', **kw)
+        assert_close(pipe(**args, generator=gen(0)), theirs(**args, generator=gen(0)).images, **ATOL)
