@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from .core import from_pil, randn_tensor
 from .unet import UNet
+from .ddpm import ddpm_loss
 from .pipeline import StableDiffusion, _as_prompt_list, _eval_mode
 
 # %% auto #0

@@ -247,3 +247,57 @@ def test_saved_pipelines_name_their_class_and_load_in_diffusers(ip2p, inpaint9, 
         theirs.set_progress_bar_config(disable=True)
         args = dict(prompt="make it bold", image=rand_image(5, c), num_inference_steps=3, output_type='pt', **kw)
         assert_close(pipe(**args, generator=gen(0)), theirs(**args, generator=gen(0)).images, **ATOL)
+
+# --------------------------------------------------------------------------------------------------------------
+# Training pieces of the lessons
+
+def test_widen_conv_in_starts_as_the_original(inpaint4):
+    from minisd.inpainting import widen_conv_in
+    unet = inpaint4[1].unet
+    for n in (8, 9):
+        wide = widen_conv_in(unet, n)
+        assert wide.config.in_channels == n and unet.config.in_channels == 4   # a copy; the original is untouched
+        x, ehs = torch.randn(2, 4, 4, 4, generator=gen(0)), torch.randn(2, 77, 32, generator=gen(1))
+        with torch.no_grad():
+            assert_close(wide(torch.cat([x, torch.randn(2, n - 4, 4, 4)], 1), 10, ehs), unet(x, 10, ehs), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match='has to exceed'): widen_conv_in(unet, 4)
+
+def test_training_steps_reach_the_new_channels(inpaint4):
+    "One step of each lesson's loss: a finite scalar whose gradient reaches the zero-initialised input channels."
+    from types import SimpleNamespace
+    from minisd.inpainting import widen_conv_in, inpainting_step, half_masks
+    from minisd.instruct_pix2pix import instruct_pix2pix_step
+    from minisd.schedulers import DDPMScheduler
+    pipe = inpaint4[1]
+    torch.manual_seed(0)
+    B, lat = 4, lambda: torch.randn(4, 4, 4, 4)
+    masks = torch.nn.functional.interpolate(half_masks(16), size=(4, 4))
+    cond, uncond = torch.randn(10, 3, 77, 32), torch.randn(77, 32)
+    cases = [(9, inpainting_step(DDPMScheduler(), masks, cond, uncond, 0.5),
+              (lat(), lat().abs(), torch.randn(B, 4, 4, 4, 4), torch.rand(B, 4, 4, 4, 4), torch.tensor([0, 3, 5, 9]))),
+             (8, instruct_pix2pix_step(DDPMScheduler(), torch.randn(11, 77, 32), uncond, 0.5, p=0.05),
+              (lat(), lat(), lat().abs(), torch.tensor([0, 10, 4, 2])))]
+    for n, step, batch in cases:
+        learn = SimpleNamespace(model=widen_conv_in(pipe.unet, n))
+        loss = step(learn, batch)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        assert learn.model.conv_in.weight.grad[:, 4:].abs().sum() > 0
+
+def test_instruct_pix2pix_conditioning_dropout(inpaint4):
+    "p: instruction alone dropped for r in [0,p), both in [p,2p), image alone in [2p,3p) (diffusers' training script)."
+    from types import SimpleNamespace
+    from minisd.instruct_pix2pix import instruct_pix2pix_step
+    from minisd.schedulers import DDPMScheduler
+    seen = []
+    def model(x, t, encoder_hidden_states): seen.append((x[:, 4:].abs().flatten(1).sum(1) > 0, encoder_hidden_states[:, 0, 0])); return x[:, :4]
+    embeds, uncond = torch.ones(11, 77, 32), torch.zeros(77, 32)
+    step = instruct_pix2pix_step(DDPMScheduler(), embeds, uncond, 1.0, p=0.2)
+    torch.manual_seed(0)
+    n = 4000
+    step(SimpleNamespace(model=model), (torch.ones(n, 4, 2, 2), torch.zeros(n, 4, 2, 2), torch.ones(n, 4, 2, 2), torch.zeros(n, dtype=torch.long)))
+    has_img, text = seen[0]
+    has_text = text > 0
+    frac = lambda m: m.float().mean().item()
+    assert abs(frac(~has_text & has_img) - 0.2) < 0.03 and abs(frac(~has_text & ~has_img) - 0.2) < 0.03
+    assert abs(frac(has_text & ~has_img) - 0.2) < 0.03 and abs(frac(has_text & has_img) - 0.4) < 0.03
