@@ -119,7 +119,7 @@ def mnist_tokenizer(vocab_size:int=1024) -> CLIPTokenizer:
     return CLIPTokenizer.train([c for d in range(10) for c in captions_for(d)], vocab_size=vocab_size)
 
 def mnist_clip_config(vocab_size:int) -> CLIPConfig:
-    "Lesson 11's MNIST CLIP: the tiny text tower, a 4-level image tower, temperature starting at 10."
+    "The MNIST CLIP (`minisd.clip`): the tiny text tower, a 4-level image tower, temperature starting at 10."
     return CLIPConfig(CLIPTextConfig.mnist(vocab_size=vocab_size), image_widths=(16, 32, 64, 128),
                       logit_scale_init_value=math.log(10))
 
@@ -127,7 +127,7 @@ def train_clip(x:torch.Tensor, y:torch.Tensor, # digits (N,1,28,28) in [0,1] and
                tokenizer:CLIPTokenizer, epochs:int=10, lr:float=3e-3, bs:int=128,
                ckpt=None, # resumable checkpoint file
                device=None, progress:bool=True, seed:int=0) -> CLIP: # seed: of the caption phrasings
-    "Train CLIP on (digit, random caption) pairs with the multi-positive contrastive loss of lesson 11."
+    "Train CLIP on (digit, random caption) pairs with `minisd.clip`'s multi-positive contrastive loss."
     clip = CLIP(mnist_clip_config(len(tokenizer)))
     step = clip_caption_step(tokenizer, generator=torch.Generator().manual_seed(seed))
     fit_stage(Learner(clip, get_dls((x, y), bs=bs), step=step, lr=lr, device=device, progress=progress), epochs, ckpt)
@@ -162,7 +162,7 @@ def latent_diffusion_step(scheduler, # the training noise schedule (DDPM)
     return step
 
 # %% ../nbs/13_mini_sd.ipynb #5dc1c21f
-MNIST_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule='squaredcos_cap_v2')  # cosine: see above
+MNIST_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule='squaredcos_cap_v2')  # cosine (Nichol & Dhariwal 2021): more signal left mid-schedule than SD's
 
 def sd_ddim_scheduler() -> DDIMScheduler:
     "DDIM with the MNIST latents' noise schedule and Stable Diffusion 1.x's other settings."
