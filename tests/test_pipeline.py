@@ -407,7 +407,8 @@ def test_cuda_fp16_matches_diffusers(saved1):
 
 def test_callback_on_step_end_matches_diffusers(from_diffusers):
     "diffusers' `callback_on_step_end`: same arguments at every step, and the latents it returns replace the pipeline's."
-    dp, d = from_diffusers
+    _, d = from_diffusers
+    dp = diffusers_load(d)   # fresh: other tests swap the shared one's scheduler
     pipe = StableDiffusion.from_pretrained(d); pipe.set_progress_bar_config(disable=True)
     def make(log):
         def cb(p, i, t, kw):
