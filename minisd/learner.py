@@ -4,14 +4,18 @@
 
 # %% ../nbs/02_learner.ipynb #81c4e09a
 from __future__ import annotations
-import json, math, random, time, warnings
+import atexit, copy, json, math, os, random, sys, time, warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from functools import partial
+from itertools import islice
 from pathlib import Path
 import numpy as np
 import torch, torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from safetensors import safe_open
 from safetensors.torch import save_file, load_file
 from fastcore.basics import patch
@@ -19,9 +23,9 @@ from .core import atomic_write, default_device
 
 # %% auto #0
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'to_device', 'default_step',
-           'get_rng_state', 'set_rng_state', 'Learner', 'Recorder', 'accuracy', 'ProgressCB', 'OneCycleCB',
-           'ClipGradCB', 'MixedPrecisionCB', 'flatten_state', 'unflatten_state', 'save_state', 'load_state',
-           'CheckpointCB']
+           'get_rng_state', 'set_rng_state', 'is_main_process', 'Learner', 'Recorder', 'accuracy', 'ProgressCB',
+           'OneCycleCB', 'ClipGradCB', 'MixedPrecisionCB', 'flatten_state', 'unflatten_state', 'save_state',
+           'load_state', 'CheckpointCB', 'DistributedCB']
 
 # %% ../nbs/02_learner.ipynb #ba60bbcc
 class CancelFitException(Exception): "Raise in a callback to end `fit` (`after_fit` still runs)."
@@ -61,6 +65,32 @@ def set_rng_state(s:dict):
     py = s['python']
     random.setstate((py[0], tuple(py[1]), py[2]))
 
+# %% ../nbs/02_learner.ipynb #b7e2a9d4
+def _world_size() -> int:
+    "How many processes train together: the process group's size, or torchrun's `WORLD_SIZE` (1 alone)."
+    if dist.is_available() and dist.is_initialized(): return dist.get_world_size()
+    return int(os.environ.get('WORLD_SIZE', 1))
+
+def _rank() -> int:
+    "This process's number among them, from 0."
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank()
+    return int(os.environ.get('RANK', 0))
+
+def is_main_process() -> bool:
+    "Is this process 0, the one that writes files and shows progress? (True alone.)"
+    return _rank() == 0
+
+def _gather(obj) -> list:
+    "`[obj of process 0, obj of process 1, ...]` from every process (`[obj]` alone); every process must call it."
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+def _mine(per_process:list):
+    "This process's entry of a list from `_gather` (process 0's if the number of processes changed)."
+    return per_process[_rank()] if len(per_process) == _world_size() else per_process[0]
+
 # %% ../nbs/02_learner.ipynb #4944fed0
 class Learner:
     "Train `model` on `dls` with a `step` function and callbacks."
@@ -71,15 +101,16 @@ class Learner:
                  lr:float=1e-3, # (peak) learning rate
                  cbs=(), # callbacks kept for every `fit`
                  metrics=(), # `metric(preds, target) -> scalar`, averaged over the validation set
-                 device=None, # where to train (default: `default_device()`)
-                 progress:bool=True): # show fastprogress bars (a live loss plot in notebooks)
+                 device=None, # where to train (default: `default_device()`; under torchrun, CUDA is GPU `LOCAL_RANK`)
+                 progress:bool=True): # report progress (`ProgressCB`): bars when output is live, else a line per epoch
         self.model, self.dls, self.loss_func, self.step, self.opt_func, self.lr = model, dls, loss_func, step, opt_func, lr
-        self.device = torch.device(device) if device is not None else default_device()
-        self.opt, self.preds, self.epoch, self.n_epochs, self.n_steps = None, None, 0, 0, 0
-        self.autocast, self.scaler, self.rng_epoch, self._resume = nullcontext, None, None, None
+        self.device = _process_device(device)
+        self.opt, self.preds, self.epoch, self.n_epochs, self.n_steps, self.start = None, None, 0, 0, 0, (0, 0)
+        self.autocast, self.scaler = nullcontext, None
         self.recorder = Recorder(metrics)
         self.cbs = []
-        self.add_cbs([self.recorder, *([ProgressCB()] if progress else []), *cbs])
+        self.add_cbs([self.recorder, *([DistributedCB()] if _world_size() > 1 else []),
+                      *([ProgressCB()] if progress else []), *cbs])
 
     def add_cbs(self, cbs):
         for cb in cbs: self.cbs.append(cb)
@@ -91,6 +122,12 @@ class Learner:
         for cb in sorted(self.cbs, key=lambda c: c.order):
             f = getattr(cb, event, None)
             if f is not None: f(self)
+
+def _process_device(device) -> torch.device:
+    "`device`, or the best available; under torchrun a CUDA device without an index is this process's GPU, `LOCAL_RANK`."
+    d = torch.device(device) if device is not None else default_device()
+    if d.type == 'cuda' and d.index is None and _world_size() > 1: d = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+    return d
 
 # %% ../nbs/02_learner.ipynb #9e039c27
 @patch
@@ -114,22 +151,12 @@ def _one_batch(self:Learner):
 
 # %% ../nbs/02_learner.ipynb #fe96a53d
 @patch
-def _one_pass(self:Learner, training:bool):
+def _one_pass(self:Learner, training:bool, skip:int=0): # skip: the batches already trained on (a resumed epoch)
     self.training = training
     self.model.train(training)
     self.dl = self.dls.train if training else self.dls.valid
     self.callback('before_train' if training else 'before_valid')
-    r, skip = self._resume, 0
-    if training and r is not None:  # resuming mid-epoch: redraw this epoch's shuffle
-        skip = r['iter']
-        set_rng_state(r['rng_epoch'] if skip else r['rng'])
-    if training: self.rng_epoch = get_rng_state()
-    it = iter(self.dl)
-    for _ in range(skip): next(it)
-    if training and r is not None:
-        if skip: set_rng_state(r['rng'])  # back to the moment of the save
-        self._resume = None
-    for self.iter, self.batch in enumerate(it, start=skip):
+    for self.iter, self.batch in enumerate(islice(self.dl, skip, None), start=skip):
         try: self._one_batch()
         except CancelBatchException: pass
         if training: self.pos = (self.epoch, self.iter + 1)
@@ -146,7 +173,7 @@ def fit(self:Learner, n_epochs:int=1, # number of epochs
         cbs=(), # extra callbacks for this run only
         train:bool=True, valid:bool=True, # run the training / validation passes
         reset_opt:bool=False): # make a fresh optimizer even if one exists
-    "Train for `n_epochs`."
+    "Train for `n_epochs`, from `self.start` (`(0, 0)` unless a `before_fit` callback moves it)."
     cbs = [*cbs, *([OneCycleCB()] if one_cycle else []), *([ClipGradCB(clip)] if clip else []),
            *([MixedPrecisionCB(amp)] if amp else [])]
     self.add_cbs(cbs)
@@ -154,14 +181,15 @@ def fit(self:Learner, n_epochs:int=1, # number of epochs
     self.model.to(self.device)
     if self.opt is None or reset_opt: self.opt = self.opt_func(self.model.parameters(), lr=self.lr)
     for g in self.opt.param_groups: g['lr'] = self.lr
-    self.n_epochs, self.n_steps, self.pos, self.epochs = n_epochs, 0, (0, 0), range(n_epochs)
+    self.n_epochs, self.n_steps, self.start = n_epochs, 0, (0, 0)
     try:
         self.callback('before_fit')
+        e0, b0 = self.pos = self.start
         try:
-            for self.epoch in self.epochs:
+            for self.epoch in range(e0, n_epochs):
                 try:
                     self.callback('before_epoch')
-                    if train: self._one_pass(True)
+                    if train: self._one_pass(True, skip=b0 if self.epoch == e0 else 0)
                     if valid and getattr(self.dls, 'valid', None) is not None:
                         with torch.no_grad(): self._one_pass(False)
                 except CancelEpochException: pass
@@ -171,7 +199,7 @@ def fit(self:Learner, n_epochs:int=1, # number of epochs
         self.callback('after_fit')
     finally:
         self.remove_cbs(cbs)
-        self.autocast, self.scaler, self._resume = nullcontext, None, None
+        self.autocast, self.scaler = nullcontext, None
     return self
 
 # %% ../nbs/02_learner.ipynb #88ed6ded
@@ -200,7 +228,11 @@ class Recorder(Callback):
         for k, v in logs.items(): self._sums[k] += v * n
         self._n += n
     def _close(self, prefix):
-        self._means.update({f'{prefix}_{k}': v / max(self._n, 1) for k, v in self._sums.items()})
+        sums, n = defaultdict(float), 0
+        for s, k in _gather((dict(self._sums), self._n)):  # under torchrun: over every process's batches
+            for key, v in s.items(): sums[key] += v
+            n += k
+        self._means.update({f'{prefix}_{k}': v / max(n, 1) for k, v in sums.items()})
         self._sums, self._n = defaultdict(float), 0
     def after_train(self, learn): self._close('train')
     def after_valid(self, learn):
@@ -212,10 +244,11 @@ class Recorder(Callback):
                           **{k: m[k] for k in m if k.startswith('valid')}, 'time': time.time() - self._t0})
         self._means = {}
 
-    def state_dict(self):
-        return dict(losses=self.losses, lrs=self.lrs, logs=dict(self.logs), rows=self.rows, valid_at=self.valid_at,
-                    sums=dict(self._sums), n=self._n, means=self._means)
+    def state_dict(self): # one per process: under torchrun each records the losses of its share of the batches
+        return {'processes': _gather(dict(losses=self.losses, lrs=self.lrs, logs=dict(self.logs), rows=self.rows,
+                valid_at=self.valid_at, sums=dict(self._sums), n=self._n, means=self._means))}
     def load_state_dict(self, sd):
+        sd = _mine(sd['processes'])
         self.losses, self.lrs, self.rows, self.valid_at = sd['losses'], sd['lrs'], sd['rows'], [tuple(o) for o in sd['valid_at']]
         self.logs, self._sums = defaultdict(list, sd['logs']), defaultdict(float, sd['sums'])
         self._n, self._means = sd['n'], sd['means']
@@ -236,27 +269,51 @@ def accuracy(preds, y):
     return (preds.argmax(-1) == y).float().mean()
 
 # %% ../nbs/02_learner.ipynb #87d97d35
+def _live_output() -> bool:
+    "Is output seen live (a notebook or a terminal), rather than written to a log file or CI?"
+    from fastprogress.core import IN_NOTEBOOK
+    return IN_NOTEBOOK or sys.stdout.isatty()
+
+def _fmt_time(t:float) -> str: return f'{int(t)//60:02d}:{int(t)%60:02d}'
+
+def _epoch_line(row:dict, n_epochs:int) -> str:
+    "One plain line for an epoch's row of the `Recorder`."
+    vals = '  '.join(f'{k} {v:.4f}' for k, v in row.items() if k not in ('epoch', 'time'))
+    return f"epoch {row['epoch'] + 1}/{n_epochs}  {vals}  time {_fmt_time(row['time'])}"
+
 class ProgressCB(Callback):
-    "fastprogress bars over epochs and batches, an epoch table, and (in notebooks) a live loss plot."
+    "fastprogress bars, an epoch table and a live loss plot when output is live; else one plain line per epoch."
     order = 50
-    def __init__(self, plot:bool=True, every:int=20): self.plot, self.every = plot, every
+    def __init__(self, plot:bool=True, # a live loss plot (notebooks)
+                 every:int=20, # steps between plot updates
+                 bar:bool|None=None): # fastprogress bars; None: when output is a notebook or a terminal
+        self.plot, self.every, self.bar = plot, every, bar
     def before_fit(self, learn):
-        from fastprogress import master_bar
-        learn.epochs = self.mbar = master_bar(learn.epochs)
+        self.on = is_main_process()
+        self.bars = self.on and (_live_output() if self.bar is None else self.bar) and learn.start[0] < learn.n_epochs
         self.header = False
+        if self.bars:
+            from fastprogress import master_bar
+            self.mbar = master_bar(range(learn.start[0], learn.n_epochs))
+            self.mbar.update(0)  # `fit` runs the epochs; `after_epoch` moves the bar
     def _wrap(self, learn):
+        if not self.bars: return
         from fastprogress import progress_bar
         learn.dl = progress_bar(learn.dl, leave=False, parent=self.mbar)
     before_train = before_valid = _wrap
     def after_batch(self, learn):
+        if not self.bars: return
         learn.dl.comment = f'{float(learn.loss.detach()):.4f}'
         if self.plot and learn.training and learn.n_steps % self.every == 0: self._graph(learn)
     def after_epoch(self, learn):
+        if not self.on: return
         row = learn.recorder.rows[-1]
+        if not self.bars: return print(_epoch_line(row, learn.n_epochs), flush=True)
         if not self.header: self.mbar.write(list(row), table=True); self.header = True
-        self.mbar.write([f'{v:.4f}' if isinstance(v, float) and k != 'time' else
-                         (f'{int(v)//60:02d}:{int(v)%60:02d}' if k == 'time' else str(v)) for k, v in row.items()], table=True)
+        self.mbar.write([_fmt_time(v) if k == 'time' else f'{v:.4f}' if isinstance(v, float) else str(v)
+                         for k, v in row.items()], table=True)
         if self.plot: self._graph(learn)
+        self.mbar.update(learn.epoch + 1 - learn.start[0])
     def _graph(self, learn):
         r = learn.recorder
         if not r.losses: return
@@ -365,46 +422,140 @@ def _stateful_cbs(self:Learner) -> dict:
 
 @patch
 def state_dict(self:Learner) -> dict:
-    "Everything needed to resume: model, optimizer, callbacks' states, position and RNG states."
+    "Everything needed to resume: model, optimizer, callbacks' states and position."
     return {'model': self.model.state_dict(), 'opt': self.opt.state_dict() if self.opt else None,
             'cbs': {k: cb.state_dict() for k, cb in self._stateful_cbs().items()},
-            'pos': {'epoch': self.pos[0], 'iter': self.pos[1], 'n_steps': self.n_steps, 'n_epochs': self.n_epochs},
-            'rng': get_rng_state(), 'rng_epoch': self.rng_epoch}
+            'pos': {'epoch': self.pos[0], 'iter': self.pos[1], 'n_steps': self.n_steps, 'n_epochs': self.n_epochs}}
 
 @patch
 def save_checkpoint(self:Learner, path) -> Path:
-    "Save `state_dict()` to the safetensors file `path`, atomically."
-    return save_state(path, self.state_dict())
+    "Save `state_dict()` to the safetensors file `path`, atomically (under torchrun: every process calls, process 0 writes)."
+    sd = self.state_dict()
+    return save_state(path, sd) if is_main_process() else Path(path)
 
 @patch
-def load_checkpoint(self:Learner, path, weights_only:bool=False):
-    "Load a checkpoint: the model weights only, or (inside `fit`) everything, to resume where it was saved."
+def load_checkpoint(self:Learner, path, weights_only:bool=False) -> tuple:
+    "Load the model weights, and unless `weights_only` the optimizer, callbacks and step count; return the saved `(epoch, batch)`."
     sd = load_state(path)
     self.model.load_state_dict(sd['model'])
-    if weights_only: return self
+    p = sd['pos']
+    if weights_only: return p['epoch'], p['iter']
     if self.opt is None: self.opt = self.opt_func(self.model.parameters(), lr=self.lr)
     if sd['opt'] is not None: self.opt.load_state_dict(sd['opt'])
     cbs = self._stateful_cbs()
     for k, v in sd['cbs'].items():
         if k in cbs: cbs[k].load_state_dict(v)
-    p = sd['pos']
     if p['n_epochs'] != self.n_epochs:
         warnings.warn(f"resuming a {p['n_epochs']}-epoch run with n_epochs={self.n_epochs}: the LR schedule will differ")
-    self.pos, self.n_steps, self.epochs = (p['epoch'], p['iter']), p['n_steps'], range(p['epoch'], self.n_epochs)
-    self._resume = {'iter': p['iter'], 'rng': sd['rng'], 'rng_epoch': sd['rng_epoch']}
-    return self
+    self.n_steps = p['n_steps']
+    return p['epoch'], p['iter']
 
 # %% ../nbs/02_learner.ipynb #28dbd81c
 class CheckpointCB(Callback):
     "Save a resumable checkpoint every `every` steps and every epoch; resume from `path` if it exists."
     order = 40
-    def __init__(self, path, every:int|None=None, resume:bool=True):
+    def __init__(self, path, # a safetensors file
+                 every:int|None=None, # also save every this many optimizer steps
+                 resume:bool=True): # resume from `path` when it exists
         self.path, self.every, self.resume = Path(path), every, resume
+        self.rng_epoch, self.saved_rng = None, None
     def before_fit(self, learn):
-        self.last = None
-        if self.resume and self.path.exists(): learn.load_checkpoint(self.path)
+        self.last, self.replay, self.saved_rng = None, None, None
+        if not (self.resume and self.path.exists()): return
+        learn.start = learn.load_checkpoint(self.path)  # loads `saved_rng` too (`load_state_dict`)
+        if self.saved_rng is None: return warnings.warn(f"{self.path} holds no random states: the resumed run draws new ones")
+        rng, rng_epoch = self.saved_rng
+        if learn.start[1] == 0: set_rng_state(rng)   # at an epoch boundary: carry on from the save
+        else: self.replay = rng_epoch, rng          # mid-epoch: replay the epoch's shuffle first
+    def before_train(self, learn):
+        if self.replay: set_rng_state(self.replay[0])
+        self.rng_epoch = get_rng_state()             # the state this epoch's shuffle is drawn from
+    def _carry_on(self, learn):
+        "The skipped batches are drawn: back to the random state of the moment of the save."
+        if self.replay and learn.training: set_rng_state(self.replay[1]); self.replay = None
+    before_batch = after_train = _carry_on
     def _save(self, learn):
         if self.last != learn.pos: learn.save_checkpoint(self.path); self.last = learn.pos
     def after_batch(self, learn):
         if learn.training and self.every and learn.n_steps and learn.n_steps % self.every == 0: self._save(learn)
     def after_epoch(self, learn): self._save(learn)
+    def state_dict(self):
+        "Every process's random states: now, and at the start of this epoch's training pass."
+        return {'rng': _gather(get_rng_state()), 'rng_epoch': _gather(self.rng_epoch)}
+    def load_state_dict(self, sd):
+        if len(sd['rng']) != _world_size():
+            warnings.warn(f"resuming a run of {len(sd['rng'])} processes on {_world_size()}: random draws will differ")
+        self.saved_rng = _mine(sd['rng']), _mine(sd['rng_epoch'])
+
+# %% ../nbs/02_learner.ipynb #d4a0b7fc
+def _destroy_process_group():
+    if dist.is_initialized(): dist.destroy_process_group()
+
+def _init_process_group(device:torch.device):
+    "Join the launch's process group unless the script already has: gloo on CPU, nccl on CUDA (this process's GPU)."
+    if dist.is_initialized(): return
+    if device.type == 'cuda': torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    atexit.register(_destroy_process_group)
+
+def _check_same_model(model:nn.Module):
+    "Raise a `ValueError` on every process unless all of them hold parameters of the same names and shapes."
+    fps = _gather([(n, tuple(p.shape)) for n, p in model.named_parameters()])
+    size = lambda fp: f"{len(fp)} parameter tensors ({sum(math.prod(s) for _, s in fp):,} values)"
+    for r, fp in enumerate(fps[1:], 1):
+        if fp == fps[0]: continue
+        a, b = next(((a, b) for a, b in zip(fps[0], fp) if a != b), (None, None))
+        where = (f"first difference: {a[0]} {a[1]} on process 0, {b[0]} {b[1]} on process {r}" if a else
+                 f"one has more parameters, from {max(fps[0], fp, key=len)[min(len(fp), len(fps[0]))][0]!r} on")
+        raise ValueError(f"the {len(fps)} processes of this torchrun launch built different models: process 0 has "
+                         f"{size(fps[0])}, process {r} has {size(fp)}; {where}. Every process must build the same model.")
+
+# %% ../nbs/02_learner.ipynb #f6c2d9be
+def _shard(dl:DataLoader|None, seed:int, rank:int, world:int) -> DataLoader|None:
+    "`dl` over this process's share of its dataset: the same batch size per process, shuffling and `drop_last` kept."
+    if dl is None or isinstance(dl.sampler, DistributedSampler): return dl
+    if dl.batch_size is None or not isinstance(dl.sampler, (RandomSampler, SequentialSampler)):
+        kind = type(dl.batch_sampler if dl.batch_size is None else dl.sampler).__name__
+        raise ValueError(f"can't share a DataLoader with a {kind} between processes: build it with `batch_size` "
+                         f"and `shuffle`, or give it a `DistributedSampler`")
+    sampler = DistributedSampler(dl.dataset, num_replicas=world, rank=rank,
+                                 shuffle=isinstance(dl.sampler, RandomSampler), seed=seed)
+    return DataLoader(dl.dataset, dl.batch_size, sampler=sampler, drop_last=dl.drop_last, collate_fn=dl.collate_fn,
+                      num_workers=dl.num_workers, pin_memory=dl.pin_memory, timeout=dl.timeout,
+                      worker_init_fn=dl.worker_init_fn, generator=dl.generator, prefetch_factor=dl.prefetch_factor,
+                      persistent_workers=dl.persistent_workers)
+
+# %% ../nbs/02_learner.ipynb #c9f5a2eb
+class _StepModule(nn.Module):
+    "A module around the model whose `forward` runs the step: DDP then covers whatever the step calls."
+    def __init__(self, model:nn.Module): super().__init__(); self.model = model
+    def forward(self, learn, step, batch): return step(learn, batch)
+
+class DistributedCB(Callback):
+    "Data-parallel training under torchrun (added by `Learner` when `WORLD_SIZE` > 1): DDP, sharded data."
+    order = -20
+    def __init__(self, **ddp_kwargs): # passed to `DistributedDataParallel`, e.g. `find_unused_parameters=True`
+        self.ddp_kwargs, self.ddp, self.seed = ddp_kwargs, None, None
+    def before_fit(self, learn):
+        if self.ddp is None:
+            _init_process_group(learn.device)
+            _check_same_model(learn.model)
+            ids = [learn.device.index] if learn.device.type == 'cuda' else None
+            self.ddp = DistributedDataParallel(_StepModule(learn.model), device_ids=ids, **self.ddp_kwargs)
+            self.seed = _gather(torch.initial_seed() % 2**62)[0]   # process 0's: the same shuffle everywhere
+            learn.dls = copy.copy(learn.dls)
+            shard = partial(_shard, seed=self.seed, rank=_rank(), world=_world_size())
+            learn.dls.train, learn.dls.valid = shard(learn.dls.train), shard(getattr(learn.dls, 'valid', None))
+            self.samplers = [dl.sampler for dl in (learn.dls.train, learn.dls.valid)
+                             if dl is not None and isinstance(dl.sampler, DistributedSampler)]
+        if learn.step is not self._step: self.step, learn.step = learn.step, self._step
+    def _step(self, learn, batch):
+        "A training step runs inside DDP's forward, so its backward pass averages the gradients of all processes."
+        return self.ddp(learn, self.step, batch) if learn.training else self.step(learn, batch)
+    def before_epoch(self, learn):
+        for s in self.samplers: s.set_epoch(learn.epoch)
+    def after_fit(self, learn): learn.step = self.step
+    def state_dict(self): return {'seed': self.seed}
+    def load_state_dict(self, sd):
+        self.seed = sd['seed']
+        for s in self.samplers: s.seed = self.seed
