@@ -127,6 +127,21 @@ def test_processes_that_disagree_on_the_model_fail_clearly(runs):
     assert "0.weight (16, 8) on process 0, 0.weight (8, 8) on process 1" in r0['error']
 
 
+def test_model_check_messages(monkeypatch):
+    "What `_check_same_model` says for each kind of disagreement (the processes' lists faked; no launch needed)."
+    fp = [('0.weight', (16, 8)), ('0.bias', (16,))]
+    def check(*others):
+        monkeypatch.setattr(L, '_gather', lambda mine: [mine, *others])
+        L._check_same_model(nn.Sequential(nn.Linear(8, 16)))
+    check(fp)  # the same: no error
+    with pytest.raises(ValueError, match=r"process 1 has 2 parameter tensors \(144 values\); first difference: 0.weight \(16, 8\) on process 0, 0.weight \(8, 16\) on process 1"):
+        check([('0.weight', (8, 16)), ('0.bias', (16,))])
+    with pytest.raises(ValueError, match=r"process 2 has 3 parameter tensors .*process 2 has extra parameters from '1.weight'"):
+        check(fp, fp + [('1.weight', (2, 2))])
+    with pytest.raises(ValueError, match=r"process 0 has extra parameters from '0.bias'"):
+        check(fp[:1])
+
+
 def test_shard_keeps_batch_size_shuffle_and_drop_last():
     x = torch.arange(10.)
     dl = get_dls((x,), bs=2, shuffle=True, drop_last=True).train
