@@ -23,11 +23,11 @@ def data():
 def net(width=16): return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 2))
 
 
-def learner(bs, seed, shuffle=False, step=L.default_step, width=16):
+def learner(bs, seed, shuffle=False, step=L.default_step, width=16, progress=False):
     seed_everything(seed)
     x, y = data()
     return Learner(net(width), get_dls((x, y), (x[:32], y[:32]), bs=bs, shuffle=shuffle), F.cross_entropy, step=step,
-                   lr=1e-2, device='cpu', progress=False)
+                   lr=1e-2, device='cpu', progress=progress)
 
 
 class NoisyStep:
@@ -55,7 +55,7 @@ def _worker(out):
     out, r = Path(out), _rank()
     res = {}
     # 1. batch B/2 per process, no shuffling; process 1 starts from other weights (DDP copies process 0's)
-    res['ddp'] = learner(B // 2, seed=r).fit(2).model.state_dict()
+    res['ddp'] = learner(B // 2, seed=r, progress=True).fit(2).model.state_dict()
     # 2. shuffled, noisy, checkpointed: uninterrupted; interrupted at step 10 (last saved at 9, mid-epoch); resumed
     writes, save_state = [], L.save_state
     L.save_state = lambda path, state: (writes.append(str(path)), save_state(path, state))[1]
@@ -82,11 +82,11 @@ def runs(tmp_path_factory):
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', __file__, str(out)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return [torch.load(out/f'rank{r}.pt', weights_only=False) for r in range(2)], out
+    return [torch.load(out/f'rank{r}.pt', weights_only=False) for r in range(2)], out, p.stdout
 
 
 def test_two_processes_at_half_batch_equal_one_process_at_the_whole_batch(runs):
-    (r0, r1), _ = runs
+    (r0, r1), *_ = runs
     one = learner(B, seed=0).fit(2).model.state_dict()
     for k in one:
         assert torch.equal(r0['ddp'][k], r1['ddp'][k]), k  # the copies stay identical
@@ -94,15 +94,21 @@ def test_two_processes_at_half_batch_equal_one_process_at_the_whole_batch(runs):
     assert not torch.equal(one['0.weight'], learner(B, seed=1).fit(2).model.state_dict()['0.weight'])  # the check can fail
 
 
+def test_only_process_0_reports_progress(runs):
+    *_, stdout = runs
+    lines = [l for l in stdout.splitlines() if l.startswith('epoch ')]
+    assert [l.split()[1] for l in lines] == ['1/2', '2/2'] and 'valid_loss' in lines[0]  # one line per epoch, once
+
+
 def test_each_process_gets_its_own_share_and_a_new_shuffle_every_epoch(runs):
-    (r0, r1), _ = runs
+    (r0, r1), *_ = runs
     a, b = r0['first_batches'], r1['first_batches']
     assert len(a) == 3 and len(a[0]) == B // 2 and a[0] != a[1] != a[2]  # `set_epoch`: each epoch its own order
     for e in range(3): assert not set(a[e]) & set(b[e])  # the two shares of a batch are disjoint
 
 
 def test_only_process_0_writes_checkpoints(runs):
-    (r0, r1), out = runs
+    (r0, r1), out, _ = runs
     assert r1['writes'] == [] and r0['writes'] and set(r0['writes']) == {str(out/'full.safetensors'), str(out/'ck.safetensors')}
     sd = load_state(out/'full.safetensors')
     assert sd['pos'] == {'epoch': 3, 'iter': 0, 'n_steps': 24, 'n_epochs': 3}
@@ -111,7 +117,7 @@ def test_only_process_0_writes_checkpoints(runs):
 
 
 def test_resume_under_torchrun_reproduces_the_run(runs):
-    (r0, r1), _ = runs
+    (r0, r1), *_ = runs
     for r in (r0, r1):
         assert r['resumed_losses'] == r['full_losses'] and len(r['full_losses']) == 24
         for k in r['full']: assert torch.equal(r['resumed'][k], r['full'][k]), k
@@ -121,7 +127,7 @@ def test_resume_under_torchrun_reproduces_the_run(runs):
 
 
 def test_processes_that_disagree_on_the_model_fail_clearly(runs):
-    (r0, r1), _ = runs
+    (r0, r1), *_ = runs
     assert r0['error'] == r1['error'] and 'built different models' in r0['error']
     assert "process 0 has 4 parameter tensors (178 values), process 1 has 4 parameter tensors (90 values)" in r0['error']
     assert "0.weight (16, 8) on process 0, 0.weight (8, 8) on process 1" in r0['error']
