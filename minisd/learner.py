@@ -109,8 +109,8 @@ class Learner:
         self.autocast, self.scaler = nullcontext, None
         self.recorder = Recorder(metrics)
         self.cbs = []
-        self.add_cbs([self.recorder, *([DistributedCB()] if _world_size() > 1 else []),
-                      *([ProgressCB()] if progress else []), *cbs])
+        ddp = _world_size() > 1 and not any(isinstance(cb, DistributedCB) for cb in cbs)  # yours, with DDP options, wins
+        self.add_cbs([self.recorder, *([DistributedCB()] if ddp else []), *([ProgressCB()] if progress else []), *cbs])
 
     def add_cbs(self, cbs):
         for cb in cbs: self.cbs.append(cb)

@@ -165,6 +165,8 @@ def test_learner_notices_a_torchrun_launch(monkeypatch):
     assert not any(isinstance(cb, DistributedCB) for cb in Learner(net(), dls, progress=False).cbs)
     monkeypatch.setenv('WORLD_SIZE', '2'); monkeypatch.setenv('LOCAL_RANK', '1')
     assert any(isinstance(cb, DistributedCB) for cb in Learner(net(), dls, device='cpu', progress=False).cbs)
+    mine = DistributedCB(find_unused_parameters=True)  # DDP options: pass your own, it replaces the default one
+    assert [cb for cb in Learner(net(), dls, device='cpu', progress=False, cbs=[mine]).cbs if isinstance(cb, DistributedCB)] == [mine]
     assert _process_device('cuda') == torch.device('cuda', 1) and _process_device('cuda:0') == torch.device('cuda', 0)
 
 
