@@ -11,6 +11,7 @@ import importlib
 
 _PUBLIC = {  # name -> the module that defines it
     'StableDiffusion': 'pipeline',
+    'StableDiffusionInpaint': 'inpainting', 'StableDiffusionInstructPix2Pix': 'instruct_pix2pix',
     'UNet': 'unet', 'UNetConfig': 'unet', 'AutoencoderKL': 'vae', 'VAEConfig': 'vae',
     'CLIPTextModel': 'clip', 'CLIPTextConfig': 'clip', 'CLIP': 'clip', 'CLIPConfig': 'clip', 'CLIPTokenizer': 'tokenizer',
     'DDPMScheduler': 'schedulers', 'DDIMScheduler': 'schedulers', 'EulerDiscreteScheduler': 'schedulers',

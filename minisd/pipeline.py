@@ -63,9 +63,22 @@ class StableDiffusion:
                  text_encoder:nn.Module, # token ids -> hidden states `(B,T,D)` (`minisd.clip.CLIPTextModel`)
                  tokenizer, # text -> token ids `(B,77)` (`minisd.tokenizer.CLIPTokenizer`)
                  scheduler): # noise schedule and sampler (`minisd.schedulers.DDIMScheduler`, ...)
+        c, n = vae.config.latent_channels, unet.config.in_channels
+        if n not in self._unet_in_channels(c):
+            kind = checkpoints.pipeline_class_name(n, c)
+            hint = f": it is {kind}'s U-Net, load it with minisd.{checkpoints.MINISD_PIPELINE_CLASSES[kind]}" if kind else ""
+            raise ValueError(f"{type(self).__name__} needs a U-Net with {' or '.join(map(str, self._unet_in_channels(c)))} "
+                             f"input channels for {c}-channel latents; this one has {n}{hint}")
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = unet, vae, text_encoder, tokenizer, scheduler
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._progress_bar_config = {}
+
+    _diffusers_class = "StableDiffusionPipeline"   # the `_class_name` `save_pretrained` writes
+
+    @classmethod
+    def _unet_in_channels(cls, latent_channels:int) -> tuple:
+        "The U-Net input channel counts this pipeline can use: the latents alone (inpainting and InstructPix2Pix add more)."
+        return (latent_channels,)
 
     # -- loading and saving
     @classmethod
@@ -95,12 +108,17 @@ class StableDiffusion:
         p = root/"scheduler"/"scheduler_config.json"
         sc = json.loads(p.read_text())
         if "_class_name" not in sc: save_json({"_class_name": type(self.scheduler).__name__, **sc}, p)
-        save_json({"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+        save_json({"_class_name": self._diffusers_class, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
                    **{k: list(v) for k, v in checkpoints.PIPELINE_CLASSES.items()},
                    "scheduler": ["diffusers", type(self.scheduler).__name__],
                    "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False},
                   root/"model_index.json")
         return root
+
+    @property
+    def components(self) -> dict:
+        "The five parts by name, as diffusers' `pipe.components`: `OtherPipeline(**pipe.components)` shares them."
+        return dict(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, scheduler=self.scheduler)
 
     # -- device, dtype, display
     @property
@@ -166,11 +184,11 @@ class StableDiffusion:
                         latents:torch.Tensor|None=None, # start from these instead of fresh noise
                         dtype=None) -> torch.Tensor:
         "Initial latents `(batch_size, c, height/f, width/f)`: `latents` or fresh noise, times `init_noise_sigma`."
-        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (batch_size, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         dtype = dtype or self.dtype
         if latents is None: latents = randn_tensor(shape, generator, self.device, dtype)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` has the wrong shape: expected {shape} (batch, unet in_channels, "
+            raise ValueError(f"`latents` has the wrong shape: expected {shape} (batch, VAE latent channels, "
                              f"height/{self.vae_scale_factor}, width/{self.vae_scale_factor}), got {tuple(latents.shape)}")
         else: latents = latents.to(self.device, dtype)
         return latents * self.scheduler.init_noise_sigma
@@ -180,10 +198,12 @@ class StableDiffusion:
                       t, # the current timestep
                       embeds:torch.Tensor, # (2B,77,D) = [uncond, cond] with CFG, else (B,77,D)
                       guidance_scale:float,
-                      cross_attention_kwargs:dict|None=None) -> torch.Tensor: # passed on to the U-Net when given
+                      cross_attention_kwargs:dict|None=None, # passed on to the U-Net when given
+                      extra_channels:torch.Tensor|None=None) -> torch.Tensor: # (B,c',h,w) appended to the U-Net's input (inpainting)
         "The U-Net's noise prediction at `t`, guided by CFG (`apply_guidance`) when `guidance_scale > 1`."
         cfg = guidance_scale > 1
         x = torch.cat([latent_model_input] * 2) if cfg else latent_model_input
+        if extra_channels is not None: x = torch.cat([x, torch.cat([extra_channels] * 2) if cfg else extra_channels], dim=1)
         kw = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
         eps = self.unet(x, t, encoder_hidden_states=embeds, **kw)
         return apply_guidance(eps, guidance_scale) if cfg else eps
@@ -193,11 +213,26 @@ class StableDiffusion:
                 generator=None, # for stochastic samplers' noise
                 callback=None, # the loop's `callback(i, t, x_t, out) -> None|Tensor` (`minisd.ddpm.sample`)
                 cross_attention_kwargs:dict|None=None,
+                noise_kwargs:dict|None=None, # more arguments for `predict_noise` (a subclass's conditioning)
                 **step_kwargs) -> torch.Tensor: # e.g. `eta=` for DDIM
         "Run the sampling loop (`minisd.ddpm.sample`) over `timesteps` from `latents`, with a progress bar."
-        model = lambda x, t: self.predict_noise(x, t, embeds, guidance_scale, cross_attention_kwargs)
+        model = lambda x, t: self.predict_noise(x, t, embeds, guidance_scale, cross_attention_kwargs, **(noise_kwargs or {}))
         return sample(model, self.scheduler, latents, generator=generator, callback=callback, timesteps=timesteps,
                       scale_noise=False, progress=self.progress_bar, **step_kwargs)
+
+    def step_callback(self, callback_on_step_end=None, # diffusers' `f(pipe, step, timestep, callback_kwargs) -> dict`
+                      tensor_inputs=("latents",), # what `callback_kwargs` holds
+                      callback=None, # the old `callback(i, t, latents)`
+                      after_step=None): # `f(i, latents) -> latents`, run first (inpainting's blend of the known region)
+        "The sampling loop's callback: `after_step`, then `callback_on_step_end` (its `latents` replace ours), then `callback`."
+        def on_step(i, t, x_t, out):
+            latents = out.prev_sample if after_step is None else after_step(i, out.prev_sample)
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, i, t, {k: latents for k in tensor_inputs})
+                latents = (outputs or {}).get("latents", latents)
+            if callback is not None: callback(i, t, latents)
+            return latents
+        return on_step
 
     def decode_latents(self, latents:torch.Tensor) -> torch.Tensor:
         "Images `(B,C,H,W)` in `[0,1]` (fp32) from diffusion latents; a half-precision VAE that overflows is re-run in fp32."
@@ -335,13 +370,7 @@ class StableDiffusion:
             else:
                 timesteps = self.get_timesteps(num_inference_steps, strength)
                 latents = self.prepare_image_latents(image, timesteps, batch_size, num_images_per_prompt, generator, embeds.dtype)
-            def on_step(i, t, x_t, out):  # the loop's callback -> diffusers' `callback_on_step_end`, then the old `callback`
-                latents = out.prev_sample
-                if callback_on_step_end is not None:
-                    outputs = callback_on_step_end(self, i, t, {k: latents for k in callback_on_step_end_tensor_inputs})
-                    latents = (outputs or {}).get("latents", latents)
-                if callback is not None: callback(i, t, latents)
-                return latents
+            on_step = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, callback)
             latents = self.denoise(latents, timesteps, embeds, guidance_scale, generator, on_step, cross_attention_kwargs,
                                    eta=eta)
             if output_type == "latent": return latents

@@ -345,7 +345,7 @@ def test_load_single_file_matches_diffusers_modules(case, fmt, tmp_path, tok_dir
     (tmp_path/'model.yaml').write_text(__import__('yaml').safe_dump(case['orig']))  # found next to the checkpoint
     import minisd
     inch = case['unet'].config.in_channels
-    cls = getattr(minisd, PIPELINE_CLASSES[pipeline_class_name(inch)])   # recognised by the U-Net's input channels
+    cls = getattr(minisd, MINISD_PIPELINE_CLASSES[pipeline_class_name(inch)])   # recognised by the U-Net's input channels
     assert cls.__name__ == {4: 'StableDiffusion', 8: 'StableDiffusionInstructPix2Pix', 9: 'StableDiffusionInpaint'}[inch]
     pipe = cls.from_single_file(f, config=TEXT_OVERRIDES, tokenizer=tok_dir)
     if inch != 4:   # the text-to-image class refuses an editing checkpoint, naming the class to use
