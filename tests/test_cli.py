@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 import minisd.train
-from minisd.cli import main, build_parser, grid
+from minisd.cli import main, build_parser
+from minisd.core import image_grid
 from minisd.learner import load_state
 
 
@@ -58,7 +59,7 @@ def test_missing_model_one_line(tmp_path, capsys):
 
 def test_grid_shapes():
     ims = [Image.new('L', (8, 4)) for _ in range(7)]
-    assert grid(ims).size == (24, 12) and grid(ims[:2]).size == (16, 4) and grid(ims[:1]).size == (8, 4)
+    assert image_grid(ims).size == (24, 12) and image_grid(ims[:2]).size == (16, 4) and image_grid(ims[:1]).size == (8, 4)
 
 
 def test_train_mnist_interrupted_then_resumed(run_dir):
