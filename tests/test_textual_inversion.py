@@ -194,3 +194,20 @@ def test_token_and_embedding_formats():
     assert token_and_embedding({'string_to_param': {'*': v}, 'name': 'n', 'step': 1})[0] == 'n'
     assert token_and_embedding({'emb_params': v}, token='<k>')[1].shape == (2, 4)
     with pytest.raises(ValueError, match="without a 'name'"): token_and_embedding({'string_to_param': {'*': v}, 'step': 1})
+
+def test_hub_id(saved, monkeypatch, tmp_path):
+    "An `org/name` that is no local path is a hub repo: read from the hub cache offline; a clear error when not cached."
+    import huggingface_hub.constants as hc
+    pipe, _ = load_both(saved)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(hc, 'HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match='not a local file or folder.*HF_HUB_OFFLINE'):
+        load_textual_inversion(pipe, 'sd-concepts-library/cat-toy')
+    snap = tmp_path/'models--sd-concepts-library--cat-toy'/'snapshots'/('0' * 40)   # the hub cache layout
+    snap.mkdir(parents=True)
+    (tmp_path/'models--sd-concepts-library--cat-toy'/'refs').mkdir()
+    (tmp_path/'models--sd-concepts-library--cat-toy'/'refs'/'main').write_text('0' * 40)
+    torch.save({'<cat-toy>': vecs(1, 30)[0]}, snap/'learned_embeds.bin')
+    assert load_textual_inversion(pipe, 'sd-concepts-library/cat-toy') == ['<cat-toy>']
+    assert_close(pipe.text_encoder.get_input_embeddings().weight[-1], vecs(1, 30)[0])
