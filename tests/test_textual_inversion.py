@@ -211,3 +211,15 @@ def test_hub_id(saved, monkeypatch, tmp_path):
     torch.save({'<cat-toy>': vecs(1, 30)[0]}, snap/'learned_embeds.bin')
     assert load_textual_inversion(pipe, 'sd-concepts-library/cat-toy') == ['<cat-toy>']
     assert_close(pipe.text_encoder.get_input_embeddings().weight[-1], vecs(1, 30)[0])
+
+def test_saved_pipeline_keeps_the_tokens(saved, files, tmp_path):
+    "A pipeline saved with loaded tokens: minisd and diffusers both read it back with the same ids and images."
+    pipe, _ = load_both(saved)
+    pipe.load_textual_inversion(files/'concept_st')
+    want = images(pipe, '<multi>')
+    pipe.save_pretrained(tmp_path/'p')
+    back, dp = load_both(tmp_path/'p')
+    assert back.tokenizer.added_tokens_encoder == pipe.tokenizer.added_tokens_encoder
+    assert dp.tokenizer.convert_tokens_to_ids('<multi>_2') == pipe.tokenizer.convert_tokens_to_ids('<multi>_2')
+    assert_close(images(back, '<multi>'), want, **ATOL)
+    assert_close(images(dp, '<multi>'), want, **ATOL)
