@@ -17,13 +17,13 @@ from .tokenizer import CLIPTokenizer
 from . import schedulers
 
 # %% auto #0
-__all__ = ['read_weights_file', 'load_state_dict_file', 'component_weights_files', 'load_component_weights', 'CheckpointError',
-           'check_state_dict', 'load_into', 'empty_weights', 'split_ldm_checkpoint', 'count_params', 'ldm_unet_key',
-           'unet_config_from_ldm', 'convert_ldm_unet', 'ldm_vae_key', 'convert_ldm_vae', 'vae_config_from_ldm',
-           'convert_ldm_clip', 'convert_open_clip', 'text_config_from_state_dict', 'ldm_prediction_type',
-           'scheduler_config_from_ldm', 'use_ema_weights', 'convert_ldm_checkpoint', 'hub_allow_patterns', 'download',
-           'resolve_tokenizer', 'read_original_config', 'load_single_file', 'read_json', 'load_component',
-           'load_tokenizer', 'load_scheduler', 'load_pipeline_folder', 'load_pipeline']
+__all__ = ['PIPELINE_CLASSES', 'read_weights_file', 'load_state_dict_file', 'component_weights_files', 'load_component_weights',
+           'CheckpointError', 'check_state_dict', 'load_into', 'empty_weights', 'split_ldm_checkpoint', 'count_params',
+           'ldm_unet_key', 'unet_config_from_ldm', 'convert_ldm_unet', 'ldm_vae_key', 'convert_ldm_vae',
+           'vae_config_from_ldm', 'convert_ldm_clip', 'convert_open_clip', 'text_config_from_state_dict',
+           'ldm_prediction_type', 'scheduler_config_from_ldm', 'use_ema_weights', 'convert_ldm_checkpoint',
+           'hub_allow_patterns', 'download', 'resolve_tokenizer', 'read_original_config', 'load_single_file',
+           'read_json', 'load_component', 'load_tokenizer', 'load_scheduler', 'load_pipeline_folder', 'load_pipeline']
 
 # %% ../nbs/14_checkpoints.ipynb #0b546971
 def read_weights_file(path) -> dict:
@@ -517,18 +517,19 @@ def load_scheduler(root, class_name:str|None=None):
     return cls.from_config(cfg)
 
 # %% ../nbs/14_checkpoints.ipynb #af492692
-_CLASS_NAMES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
+PIPELINE_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),   # model_index.json's
+                    "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer")}
 
 def _looks_like_hub_id(s:str) -> bool: return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", s) is not None
 
 def load_pipeline_folder(root, torch_dtype=None, device=None, variant:str|None=None) -> dict:
     "The components (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`) of a diffusers pipeline folder."
     index = read_json(Path(root)/"model_index.json", "model_index.json (is this a diffusers pipeline folder?)")
-    for name, cls_name in _CLASS_NAMES.items():
+    for name in _COMPONENT_BUILDERS:
         lib_cls = index.get(name)
-        if not lib_cls or lib_cls[1] != cls_name:
-            raise ValueError(f"model_index.json in {root}: {name} is {lib_cls}, minisd reads a {cls_name}")
-    models = {n: load_component(root, n, variant, torch_dtype, device) for n in _CLASS_NAMES}
+        if not lib_cls or lib_cls[1] != PIPELINE_CLASSES[name][1]:
+            raise ValueError(f"model_index.json in {root}: {name} is {lib_cls}, minisd reads {list(PIPELINE_CLASSES[name])}")
+    models = {n: load_component(root, n, variant, torch_dtype, device) for n in _COMPONENT_BUILDERS}
     scheduler = load_scheduler(root, (index.get("scheduler") or [None, None])[1])
     return dict(**models, tokenizer=load_tokenizer(root), scheduler=scheduler)
 

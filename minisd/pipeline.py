@@ -20,8 +20,6 @@ __all__ = ['DIFFUSERS_FORMAT_VERSION', 'weights_name', 'component_config', 'Stab
 
 # %% ../nbs/12_pipeline.ipynb #a55beb51
 DIFFUSERS_FORMAT_VERSION = "0.30.0"  # the `_diffusers_version` minisd writes: the folder format it follows
-_CLASS_NAMES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-                "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer")}
 
 def _as_prompt_list(prompt, name="prompt") -> list[str]:
     "`prompt` (a string or a list of strings) as a non-empty list, or a clear `ValueError`."
@@ -53,7 +51,7 @@ def component_config(component:str, model:nn.Module) -> dict:
     if component == "text_encoder":
         d.setdefault("architectures", ["CLIPTextModel"]); d.setdefault("model_type", "clip_text_model")
         return d
-    return {"_class_name": _CLASS_NAMES[component][1], "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **d}
+    return {"_class_name": checkpoints.PIPELINE_CLASSES[component][1], "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **d}
 
 # %% ../nbs/12_pipeline.ipynb #c09cbab1
 class StableDiffusion:
@@ -98,7 +96,7 @@ class StableDiffusion:
         sc = json.loads(p.read_text())
         if "_class_name" not in sc: save_json({"_class_name": type(self.scheduler).__name__, **sc}, p)
         save_json({"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-                   **{k: list(v) for k, v in _CLASS_NAMES.items()},
+                   **{k: list(v) for k, v in checkpoints.PIPELINE_CLASSES.items()},
                    "scheduler": ["diffusers", type(self.scheduler).__name__],
                    "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False},
                   root/"model_index.json")
@@ -318,7 +316,7 @@ class StableDiffusion:
                  strength:float=0.8, # img2img: how much of the schedule to run, in [0,1]
                  num_images_per_prompt:int=1, # images per prompt
                  output_type:str="pil", # 'pil', 'pt', 'np' or 'latent'
-                 eta:float=0.0, # DDIM's eta (0: deterministic); passed to `scheduler.step` only when not 0
+                 eta:float=0.0, # DDIM's eta (0: deterministic); other samplers ignore it
                  clip_skip:int=0, # use the text encoder's hidden states this many layers before the last
                  callback=None, # called as callback(i, t, latents) after each step
                  cross_attention_kwargs:dict|None=None, # passed to the U-Net, e.g. {"scale": s} for LoRA
@@ -361,6 +359,6 @@ class StableDiffusion:
                 if callback is not None: callback(i, t, latents)
                 return latents
             latents = self.denoise(latents, timesteps, embeds, guidance_scale, generator, on_step, cross_attention_kwargs,
-                                   **({"eta": eta} if eta else {}))
+                                   eta=eta)
             if output_type == "latent": return latents
             return self.postprocess(self.decode_latents(latents), output_type)

@@ -1,5 +1,6 @@
 """The `minisd` command: argument parsing, one-line errors, generate on a tiny trained pipeline, train-mnist resume."""
 import os, subprocess, sys
+from pathlib import Path
 import pytest
 import torch
 from PIL import Image
@@ -140,3 +141,23 @@ def test_generate_textual_inversion(run_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith('minisd generate: error:') and needle in err and err.count('\n') == 1, err
     assert not (tmp_path/'x.png').exists()
+
+
+def test_mnist_pipeline_trains_once_then_reuses(tmp_path, monkeypatch):
+    "Trained into a `.partial` folder renamed when complete, then loaded without training; IN_TEST has its own folder."
+    import minisd.train as tr
+    calls = []
+    def fake_train(out, recipe, **kw):
+        calls.append((Path(out), recipe)); Path(out).mkdir(parents=True); (Path(out)/'model_index.json').write_text('{}')
+    class FakePipe:
+        def __init__(self, path): self.path, self.config = path, {}
+        def set_progress_bar_config(self, **kw): self.config = kw
+    monkeypatch.setattr(tr, 'train_mnist', fake_train)
+    monkeypatch.setattr(tr.StableDiffusion, 'from_pretrained', classmethod(lambda cls, p: FakePipe(p)))
+    monkeypatch.delenv('IN_TEST', raising=False)
+    p = tr.mnist_pipeline(tmp_path)
+    assert calls == [(tmp_path/'mnist_sd.partial', tr.MnistRecipe())] and p.path == tmp_path/'mnist_sd'
+    assert not (tmp_path/'mnist_sd.partial').exists() and p.config == {'disable': True}
+    assert tr.mnist_pipeline(tmp_path).path == tmp_path/'mnist_sd' and len(calls) == 1   # reused
+    monkeypatch.setenv('IN_TEST', '1'); monkeypatch.setenv('MINISD_CACHE', str(tmp_path/'env'))
+    assert tr.mnist_pipeline().path == tmp_path/'env'/'mnist_sd_fast' and calls[-1][1] == tr.MnistRecipe.fast()

@@ -404,3 +404,33 @@ def test_cuda_fp16_matches_diffusers(saved1):
     theirs = diffusers.StableDiffusionImg2ImgPipeline(**dp.components)(**{**args, 'negative_prompt': ["a bold two"] * 2},
                                                                          image=x[None], strength=0.5, generator=gen(2)).images
     assert_close(ours, theirs.float(), atol=2e-2, rtol=0)
+
+def test_callback_on_step_end_matches_diffusers(from_diffusers):
+    "diffusers' `callback_on_step_end`: same arguments at every step, and the latents it returns replace the pipeline's."
+    _, d = from_diffusers
+    dp = diffusers_load(d)   # fresh: other tests swap the shared one's scheduler
+    pipe = StableDiffusion.from_pretrained(d); pipe.set_progress_bar_config(disable=True)
+    def make(log):
+        def cb(p, i, t, kw):
+            log.append((i, int(t), kw['latents'].clone()))
+            return {'latents': kw['latents'] * 0.5} if i == 1 else kw
+        return cb
+    ours_log, ref_log = [], []
+    lat = torch.randn(1, 4, 4, 4, generator=gen(3))
+    args = dict(prompt="a bold two", latents=lat, output_type='pt', **KW)
+    ours = pipe(**args, callback_on_step_end=make(ours_log), callback_on_step_end_tensor_inputs=['latents'])
+    ref = dp(**args, callback_on_step_end=make(ref_log), callback_on_step_end_tensor_inputs=['latents']).images
+    assert [(i, t) for i, t, _ in ours_log] == [(i, t) for i, t, _ in ref_log] and len(ours_log) == KW['num_inference_steps']
+    for (_, _, a), (_, _, b) in zip(ours_log, ref_log): assert_close(a, b, **ATOL)
+    assert_close(ours, ref, **ATOL)
+    assert not torch.allclose(ours, pipe(**args))   # the halved latents changed the result
+
+def test_cross_attention_kwargs_reach_the_unet(saved1, monkeypatch):
+    "Passed to the U-Net only when given (the U-Net side of LoRA scaling lives in the U-Net)."
+    pipe, _ = saved1
+    seen = []
+    forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, 'forward', lambda *a, **kw: seen.append(kw.get('cross_attention_kwargs', 'absent')) or forward(*a, **{k: v for k, v in kw.items() if k != 'cross_attention_kwargs'}))
+    pipe("a bold two", num_inference_steps=2, output_type='latent')
+    pipe("a bold two", num_inference_steps=2, output_type='latent', cross_attention_kwargs={'scale': 0.5})
+    assert seen == ['absent', 'absent', {'scale': 0.5}, {'scale': 0.5}]
