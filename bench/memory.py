@@ -38,7 +38,7 @@ def run_one(case:str, variant:str) -> dict:
     from minisd.vae import AutoencoderKL, VAEConfig
     torch.manual_seed(0)
     if case.startswith('vae'):
-        vae = AutoencoderKL(VAEConfig.sd()).eval().requires_grad_(False)
+        vae = AutoencoderKL(VAEConfig.sd15()).eval().requires_grad_(False)
         z = torch.randn(1, 4, 128, 128) if case == 'vae-decode-1024' else torch.randn(4, 4, 64, 64)
         if variant == 'tiling': vae.enable_tiling()
         if variant == 'slicing': vae.enable_slicing()
