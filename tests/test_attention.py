@@ -167,3 +167,52 @@ def test_attention_slice_bad_sizes():
     ours, _ = build_pair()
     with pytest.raises(ValueError, match='between 1 and the number of heads'): ours.set_attention_slice(3)   # level 0 has 2 heads
     with pytest.raises(ValueError, match='provided 2 slice sizes'): ours.set_attention_slice([1, 1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Controllers (minisd.attention): recording and Prompt-to-Prompt on a tiny U-Net
+def test_controllers_on_unet():
+    from minisd.attention import attention_controller, AttentionStore, AttentionReplace, AttentionController
+    from minisd.tokenizer import CLIPTokenizer
+    tok = CLIPTokenizer.train(["a handwritten three", "a handwritten eight", "the number seven"], vocab_size=600)
+    ours, _ = build_pair()
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(1, 3, 8, 8, generator=g).repeat(4, 1, 1, 1), torch.randn(4, 77, 12, generator=g)   # [u_src, u_tgt, c_src, c_tgt]
+    with torch.no_grad():
+        plain = ours(x, 10, ctx)
+        with attention_controller(ours, AttentionController()) as c: same = ours(x, 10, ctx)
+        assert c.step == 0
+        assert_close(same, plain, rtol=1e-5, atol=1e-6)
+        with attention_controller(ours, AttentionStore()) as store: ours(x, 10, ctx); ours(x, 10, ctx)
+        assert store.step == 1 and all(len(v) == 2 for v in store.maps.values())
+        assert set(store.maps) == {k for k in ours.attn_processors if 'attn2' in k}
+        assert store.average(8).shape == (4, 77, 8, 8) and store.average(4, steps=1).shape == (4, 77, 4, 4)
+        with pytest.raises(ValueError, match='no recorded maps of 3x3'): store.average(3)
+        ctl = AttentionReplace(["a handwritten three", "a handwritten eight"], tok, num_steps=1, cross_replace_steps=1., self_replace_steps=1.,
+                               self_max_tokens=64)
+        with attention_controller(ours, ctl): edited = ours(x, 10, ctx)
+        assert_close(edited[:3], plain[:3], rtol=1e-5, atol=1e-6)   # unconditional half and the source: untouched
+        assert not torch.allclose(edited[3], plain[3], atol=1e-4)     # the edited prompt: changed
+        ctx2 = ctx.clone(); ctx2[3] = ctx[2]                          # edited prompt == source: the edit changes nothing
+        same_prompts = AttentionReplace(["a handwritten three"] * 2, tok, num_steps=1, cross_replace_steps=1., self_replace_steps=1.)
+        with attention_controller(ours, same_prompts): e2 = ours(x, 10, ctx2)
+        assert_close(e2[3], e2[2], rtol=1e-5, atol=1e-6)
+    assert all(type(p) is AttnProcessor2_0 for p in ours.attn_processors.values())   # processors restored
+
+
+def test_token_mappers_multi_token_words():
+    from minisd.attention import replacement_mapper, refinement_mapper, token_indices, equalizer
+    from minisd.tokenizer import CLIPTokenizer
+    tok = CLIPTokenizer.train(["a cat", "a dog"], vocab_size=520)   # few merges: long words split into several tokens
+    n = lambda w: len(tok.encode(w, add_special_tokens=False))
+    src, tgt = "a cat sits", "a elephant sits"
+    ne, nc, i = n('elephant'), n('cat'), 1 + n('a')
+    assert ne > 1 and ne != nc
+    M = replacement_mapper(src, tgt, tok)
+    assert_close(M[i:i + nc, i:i + ne], torch.full((nc, ne), 1 / ne))   # each source token spread over the new word's tokens
+    assert M[:i, :i].equal(torch.eye(i))                                  # start token and "a": one to one
+    assert M[i + nc, i + ne] == 1                                          # "sits" follows, shifted
+    assert token_indices(tgt, 'elephant', tok) == list(range(i, i + ne))
+    m, a = refinement_mapper("a cat", "a big cat", tok)
+    assert a[0] == 1 and a[1:1 + n('a')].eq(1).all() and a[1 + n('a'):1 + n('a') + n('big')].eq(0).all()
+    assert equalizer(src, {'sits': 3.}, tok)[token_indices(src, 'sits', tok)].eq(3).all()
