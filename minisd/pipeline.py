@@ -53,6 +53,23 @@ def component_config(component:str, model:nn.Module) -> dict:
         return d
     return {"_class_name": checkpoints.PIPELINE_CLASSES[component][1], "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **d}
 
+# %% ../nbs/12_pipeline.ipynb #c0ff1001
+def _accelerator(device=None, gpu_id:int|None=None) -> torch.device|None:
+    "The device to offload to: `device`, else CUDA or MPS when available; None when that is the CPU or there is none."
+    if device is not None: d = torch.device(device)
+    elif torch.cuda.is_available(): d = torch.device('cuda')
+    elif torch.backends.mps.is_available(): d = torch.device('mps')
+    else: return None
+    if d.type == 'cpu': return None
+    return torch.device(d.type, gpu_id) if gpu_id is not None else d
+
+def _to_device(x, device):
+    "`x` with every tensor in it (nested in tuples, lists and dicts) moved to `device`."
+    if isinstance(x, torch.Tensor): return x.to(device)
+    if isinstance(x, (tuple, list)): return type(x)(_to_device(o, device) for o in x)
+    if isinstance(x, dict): return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
 # %% ../nbs/12_pipeline.ipynb #c09cbab1
 class StableDiffusion:
     "Stable Diffusion: tokenizer, text encoder, U-Net, scheduler and VAE, and the sampling loop that joins them."
@@ -72,6 +89,7 @@ class StableDiffusion:
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = unet, vae, text_encoder, tokenizer, scheduler
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._progress_bar_config = {}
+        self._offload_device, self._offload_hooks, self._onloaded = None, [], None   # model CPU offload (off)
 
     _diffusers_class = "StableDiffusionPipeline"   # the `_class_name` `save_pretrained` writes
 
@@ -122,7 +140,7 @@ class StableDiffusion:
 
     # -- device, dtype, display
     @property
-    def device(self) -> torch.device: return self.unet.device
+    def device(self) -> torch.device: return self._offload_device or self.unet.device   # with offload: where the models run
     @property
     def dtype(self) -> torch.dtype: return self.unet.dtype
 
@@ -140,6 +158,40 @@ class StableDiffusion:
         "`iterable` wrapped in a fastprogress bar, unless disabled by `set_progress_bar_config` (or empty)."
         if self._progress_bar_config.get("disable", False) or not len(iterable): return iterable
         return progress_bar(iterable, leave=self._progress_bar_config.get("leave", False))
+
+    # -- memory savers (diffusers' names; the VAE's own are `pipe.vae.enable_slicing()` and `pipe.vae.enable_tiling()`)
+    def enable_attention_slicing(self, slice_size="auto"): # "auto": half the heads at a time, "max": one, or an int
+        "Compute the U-Net's attention in slices (`unet.set_attention_slice`): a smaller peak, a little slower."
+        self.unet.set_attention_slice(slice_size)
+
+    def disable_attention_slicing(self): self.unet.set_attention_slice(None)
+
+    def enable_model_cpu_offload(self, gpu_id:int|None=None, device=None): # default: CUDA, else MPS
+        "Keep the models on the CPU and move each one to the accelerator only while it runs; without one, warn and do nothing."
+        dev = _accelerator(device, gpu_id)
+        if dev is None:
+            warnings.warn("enable_model_cpu_offload: no accelerator (CUDA or MPS) is available, so nothing is offloaded "
+                          "(a no-op): the models stay on the CPU")
+            return
+        self.remove_all_hooks()
+        self.to("cpu")
+        self._offload_device = dev
+        def onload(model):
+            def hook(module, args, kwargs):
+                if self._onloaded is not model:
+                    if self._onloaded is not None: self._onloaded.to("cpu")
+                    self._onloaded = model.to(dev)
+                return _to_device(args, dev), _to_device(kwargs, dev)
+            return hook
+        # the model and its direct children: `vae.encode`/`vae.decode` call the VAE's parts, not its `forward`
+        self._offload_hooks = [m.register_forward_pre_hook(onload(model), with_kwargs=True)
+                               for model in (self.text_encoder, self.unet, self.vae) for m in (model, *model.children())]
+
+    def remove_all_hooks(self):
+        "Turn model CPU offload off: the hooks go, every model is back on the CPU."
+        for h in self._offload_hooks: h.remove()
+        if self._onloaded is not None: self._onloaded.to("cpu")
+        self._offload_device, self._offload_hooks, self._onloaded = None, [], None
 
     def __repr__(self):
         return (f"StableDiffusion(unet={type(self.unet).__name__}, vae={type(self.vae).__name__}, "
