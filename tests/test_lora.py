@@ -353,3 +353,26 @@ def test_wrong_model_and_double_load(folder, tmp_path):
     (tmp_path/'a.safetensors').write_bytes(b''); (tmp_path/'b.safetensors').write_bytes(b'')
     with pytest.raises(FileNotFoundError, match='pass weight_name='): ml.load_lora_weights(pipe, tmp_path)
     with pytest.raises(ValueError, match='cannot read weights'): ml.load_lora_weights(pipe, tmp_path, weight_name='a.safetensors')
+
+# --------------------------------------------------------------------------------------------------------------
+# training
+
+def test_train_lora_changes_only_the_adapters_and_resumes(folder, tmp_path):
+    pipe, _ = pipes(folder)
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    te = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    ims, prompts = torch.rand(6, 3, 16, 16, generator=gen(0)), ["a bold two"] * 6
+    torch.manual_seed(0)
+    learn = ml.train_lora(pipe, ims, prompts, r=2, epochs=2, lr=1e-2, bs=4, ckpt=tmp_path/'lora.safetensors', progress=False)
+    assert learn.n_steps == 4 and (tmp_path/'lora.safetensors').is_file()
+    sd = pipe.unet.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in base.items())                 # frozen U-Net weights
+    assert all(torch.equal(pipe.text_encoder.state_dict()[k], v) for k, v in te.items())
+    ups = [m.lora_B.weight for m in ml.lora_layers(pipe.unet).values()]
+    assert ups and all(u.abs().sum() > 0 for u in ups)                          # every adapter learned
+    trained = ml.get_peft_model_state_dict(pipe.unet)
+    again, _ = pipes(folder)
+    ml.train_lora(again, ims, prompts, r=2, epochs=2, lr=1e-2, bs=4, ckpt=tmp_path/'lora.safetensors', progress=False)
+    for k, v in ml.get_peft_model_state_dict(again.unet).items(): assert_close(v, trained[k])  # finished checkpoint: loaded, not retrained
+    with pytest.raises(ValueError, match=r'images have to be \(N, 3, H, W\)'): ml.train_lora(again, ims[:, :1], prompts)
+    with pytest.raises(ValueError, match='2 prompts for 6 images'): ml.train_lora(again, ims, prompts[:2])
