@@ -79,7 +79,7 @@ def reference_models(args, dtype, device):
         torch.manual_seed(0)
         t0 = time.perf_counter()
         unet = diffusers.UNet2DConditionModel.from_config(UNetConfig.sd15().to_dict())
-        vae = diffusers.AutoencoderKL.from_config(VAEConfig.sd().to_dict())
+        vae = diffusers.AutoencoderKL.from_config(VAEConfig.sd15().to_dict())
         text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIPTextConfig.sd15().to_dict()))
         print(f"random full-size SD 1.5 weights built in {time.perf_counter() - t0:.1f} s")
         tok_dir, sched_cfg = random_tokenizer_dir(), None
@@ -179,7 +179,7 @@ def bench_e2e(args, models, tok_dir, sched_cfg, dtype, device, lines):
                                            feature_extractor=None, requires_safety_checker=False)
     dp.set_progress_bar_config(disable=True)
     mp = StableDiffusion(m_unet, m_vae, m_text, CLIPTokenizer.from_pretrained(tok_dir), DDIMScheduler.from_config(cfg))
-    mp.show_progress = False
+    mp.set_progress_bar_config(disable=True)
     kw = dict(prompt="a photograph of an astronaut riding a horse", num_inference_steps=args.steps, guidance_scale=7.5,
               height=args.size, width=args.size, output_type='pt')
     gen = lambda: torch.Generator().manual_seed(0)
