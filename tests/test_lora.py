@@ -43,7 +43,7 @@ def folder(tmp_path_factory):
 
 def pipes(folder):
     "A fresh (minisd, diffusers) pair loaded from the same folder."
-    pipe = StableDiffusion.from_pretrained(folder); pipe.show_progress = False
+    pipe = StableDiffusion.from_pretrained(folder); pipe.set_progress_bar_config(disable=True)
     dp = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     dp.set_progress_bar_config(disable=True)
     return pipe, dp
@@ -144,7 +144,7 @@ def test_peft_file_with_metadata(folder, base_images, tmp_path):
     f = save_with_diffusers(tmp_path, layers, ucfg, tcfg)
     header = ml.read_lora_file(f)[1]
     assert header['unet.lora_alpha'] == 8 and header['text_encoder.lora_alpha'] == 2   # the header is really there
-    ml.load_lora_weights(pipe, tmp_path)
+    pipe.load_lora_weights(tmp_path)
     dp.load_lora_weights(tmp_path)
     assert pipe.unet.get_submodule('down_blocks.0.attentions.0.proj_in').lora_A.weight.ndim == 4
     check_same(pipe, dp, base_images)
@@ -208,6 +208,26 @@ def test_runtime_scale_unet(folder, tmp_path):
     (u, _), _ = model_outputs(pipe, dp)
     assert_close(u, u1)   # the scale was for that call only
 
+def test_runtime_scale_pipeline(folder, base_images, tmp_path):
+    "`pipe(..., cross_attention_kwargs={'scale': s})` scales the U-Net's and the text encoder's LoRA, as diffusers does."
+    pipe, dp = pipes(folder)
+    f = save_with_diffusers(tmp_path, random_lora(pipe, seed=10))
+    pipe.load_lora_weights(f); dp.load_lora_weights(f)
+    full = images(pipe)
+    for s in (0.4, 1.5):
+        ours = images(pipe, cross_attention_kwargs={'scale': s})
+        assert_close(ours, dimages(dp, cross_attention_kwargs={'scale': s}), **ATOL)
+        assert (ours - full).abs().max() > 1e-3
+    assert_close(images(pipe, cross_attention_kwargs={'scale': 0.}), base_images, **ATOL)
+    te_only = StableDiffusion.from_pretrained(folder); te_only.set_progress_bar_config(disable=True)
+    te_only.load_lora_weights({k: v for k, v in ml.read_lora_file(f)[0].items() if k.startswith('text_encoder.')})
+    c1, _ = te_only.encode_prompt("a bold two", do_classifier_free_guidance=False)
+    c0, _ = te_only.encode_prompt("a bold two", do_classifier_free_guidance=False, lora_scale=0.)
+    assert_close(c0, pipes(folder)[0].encode_prompt("a bold two", do_classifier_free_guidance=False)[0])
+    assert not torch.allclose(c0, c1, atol=1e-4)
+    assert_close(images(pipe), full)   # the scale was for those calls only
+    with pytest.raises(ValueError, match="components \\['vae'\\]"): pipe.fuse_lora(components=['vae'])
+
 def test_fuse_unfuse_unload(folder, base_images, tmp_path):
     "fuse_lora(lora_scale=s) and unload equal diffusers'; unfuse returns to the unfused adapter; the state dict keys survive."
     pipe, dp = pipes(folder)
@@ -217,14 +237,14 @@ def test_fuse_unfuse_unload(folder, base_images, tmp_path):
                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=TE_T))
     ml.load_lora_weights(pipe, f); dp.load_lora_weights(f)
     loaded = check_same(pipe, dp, base_images)
-    for c in ('unet', 'text_encoder'): ml.fuse_lora(getattr(pipe, c), lora_scale=0.6)
+    pipe.fuse_lora(lora_scale=0.6)
     dp.fuse_lora(lora_scale=0.6)
     fused = check_same(pipe, dp, loaded)
-    for c in ('unet', 'text_encoder'): ml.unfuse_lora(getattr(pipe, c))
+    pipe.unfuse_lora()
     assert_close(images(pipe), loaded, **ATOL)   # diffusers keeps the layers scaled by 0.6 after unfusing (PEFT's scale_layer)
-    for c in ('unet', 'text_encoder'): ml.fuse_lora(getattr(pipe, c), lora_scale=0.6)
+    pipe.fuse_lora(lora_scale=0.6)
     assert_close(images(pipe), fused, **ATOL)
-    for c in ('unet', 'text_encoder'): ml.unload_lora(getattr(pipe, c))
+    pipe.unload_lora_weights()
     dp.unload_lora_weights()
     check_same(pipe, dp)                          # the fused LoRA stays in the weights, in both
     assert_close(images(pipe), fused, **ATOL)
@@ -236,13 +256,13 @@ def test_unfuse_at_scale_one_matches_diffusers(folder, base_images, tmp_path):
     pipe, dp = pipes(folder)
     f = save_with_diffusers(tmp_path, random_lora(pipe, seed=7))
     ml.load_lora_weights(pipe, f); dp.load_lora_weights(f)
-    for c in ('unet', 'text_encoder'): ml.fuse_lora(getattr(pipe, c))
+    pipe.fuse_lora()
     dp.fuse_lora()
     check_same(pipe, dp, base_images)
-    for c in ('unet', 'text_encoder'): ml.unfuse_lora(getattr(pipe, c))
+    pipe.unfuse_lora()
     dp.unfuse_lora()
     check_same(pipe, dp, base_images)
-    for c in ('unet', 'text_encoder'): ml.unload_lora(getattr(pipe, c))
+    pipe.unload_lora_weights()
     dp.unload_lora_weights()
     assert_close(check_same(pipe, dp), base_images, **ATOL)   # unfused then unloaded: the original model
 
@@ -260,7 +280,7 @@ def test_save_lora_weights_roundtrip_and_diffusers_reads_it(folder, base_images,
     for model in (pipe.unet, pipe.text_encoder):
         for m in ml.lora_layers(model).values(): torch.nn.init.normal_(m.lora_B.weight, std=0.3, generator=g)
     ours = images(pipe)
-    f = ml.save_lora_weights(tmp_path, unet_lora_layers=pipe.unet, text_encoder_lora_layers=pipe.text_encoder)
+    f = StableDiffusion.save_lora_weights(tmp_path, unet_lora_layers=pipe.unet, text_encoder_lora_layers=pipe.text_encoder)
     assert f == tmp_path/'pytorch_lora_weights.safetensors' and not list(tmp_path.glob('*.tmp'))
     with safe_open(str(f), 'pt') as fh:
         keys, header = set(fh.keys()), fh.metadata()
