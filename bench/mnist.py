@@ -70,7 +70,7 @@ def samplers(unet, scale, n, n_ddpm, metrics, seeds=1):
         runs, dt = [], 0.
         for seed in range(7, 7 + (seeds if kind == 'ddim' else 1)):
             t0 = time.perf_counter()
-            x = generate(unet, labels, scale, steps, scheduler=mnist_scheduler(kind), seed=seed, eta=None if kind == 'ddpm' else 1.)
+            x = generate(unet, labels, scale, steps, scheduler=mnist_scheduler(kind), seed=seed)
             dt += time.perf_counter() - t0
             runs.append(metrics(x, labels))
         mean = lambda k: statistics.fmean(r[k] for r in runs)

@@ -99,7 +99,7 @@ def generate(unet:UNet, # a class-conditional U-Net
              scheduler=None, # default: `mnist_scheduler()`, DDIM with 'trailing' timesteps and no clipping
              uncond_labels=None, # (N,) or one label for eps_u: a negative class (default: the null class)
              seed:int=0, # seeds x_T (and a stochastic sampler's noise)
-             eta:float|None=1., # DDIM: 0 deterministic (Eq. 12 of Song et al. 2021), 1 DDPM-like fresh noise; None for DDPM
+             eta:float=1., # DDIM: 0 deterministic (Eq. 12 of Song et al. 2021), 1 DDPM-like fresh noise; DDPM ignores it
              bs:int=250) -> torch.Tensor: # samples per batch
     "Draw digits with classifier-free guidance; returns `(N, 1, H, W)` images in [0, 1]."
     scheduler = scheduler or mnist_scheduler()
@@ -112,7 +112,7 @@ def generate(unet:UNet, # a class-conditional U-Net
     g = torch.Generator().manual_seed(seed)
     c, S = unet.config.in_channels, unet.config.sample_size
     x_T = torch.randn(len(labels), c, S, S, generator=g)
-    kw = {} if eta is None else dict(eta=eta, use_clipped_model_output=True)   # x0 clipped => eps recomputed from it
+    kw = dict(eta=eta, use_clipped_model_output=True)   # x0 clipped => eps recomputed from it
     out = [sample(ClassifierFreeGuidance(unet, lb, guidance_scale, None if u is None else u[i:i + bs]), scheduler,
                   x_T[i:i + bs], num_inference_steps, generator=g, **kw)
            for i, lb in zip(range(0, len(labels), bs), labels.split(bs))]

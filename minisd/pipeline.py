@@ -333,7 +333,7 @@ class StableDiffusion:
                  strength:float=0.8, # img2img: how much of the schedule to run, in [0,1]
                  num_images_per_prompt:int=1, # images per prompt
                  output_type:str="pil", # 'pil', 'pt', 'np' or 'latent'
-                 eta:float=0.0, # DDIM's eta (0: deterministic); passed to `scheduler.step` only when not 0
+                 eta:float=0.0, # DDIM's eta (0: deterministic); other samplers ignore it
                  clip_skip:int=0, # use the text encoder's hidden states this many layers before the last
                  callback=None, # called as callback(i, t, latents) after each step
                  cross_attention_kwargs:dict|None=None, # passed to the U-Net, e.g. {"scale": s} for LoRA
@@ -377,6 +377,6 @@ class StableDiffusion:
                 if callback is not None: callback(i, t, latents)
                 return latents
             latents = self.denoise(latents, timesteps, embeds, guidance_scale, generator, on_step, cross_attention_kwargs,
-                                   **({"eta": eta} if eta else {}))
+                                   eta=eta)
             if output_type == "latent": return latents
             return self.postprocess(self.decode_latents(latents), output_type)

@@ -5,13 +5,14 @@
 # %% ../nbs/13_mini_sd.ipynb #f2ac7be4
 from __future__ import annotations
 import math, os, shutil, time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.nn.functional as F
 from .core import seed_everything, image_grid, budget, in_test
 from .data import load_mnist, get_dls, captions_for, CAPTION_TEMPLATES, DIGIT_WORDS
-from .learner import Learner, CheckpointCB, load_state
+from .learner import Learner, CheckpointCB, load_state, is_main_process
 from .vae import AutoencoderKL, VAEConfig
 from .unet import UNet, UNetConfig
 from .clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPTextModel, clip_caption_step
@@ -204,7 +205,7 @@ def train_mnist(out_dir, # where the pipeline, `samples.png` and `checkpoints/` 
     "Train VAE -> tokenizer + CLIP -> latent U-Net on MNIST; save the `StableDiffusion` pipeline and a sample grid."
     r, out = recipe or MnistRecipe(), Path(out_dir)
     ck, t0 = out/'checkpoints', time.time()
-    say = print if progress else (lambda *a: None)
+    say = print if progress and is_main_process() else (lambda *a: None)   # under torchrun: process 0 reports
     x, y = load_mnist('train', source)
     x, y = x[:r.n_train], y[:r.n_train]
     say(f"[1/3] VAE on {len(x)} digits"); seed_everything(seed)
@@ -223,12 +224,23 @@ def train_mnist(out_dir, # where the pipeline, `samples.png` and `checkpoints/` 
                              device=device, progress=progress)
     pipe = StableDiffusion(unet, vae, text_encoder, tok, sd_ddim_scheduler())
     pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(out)
-    digit_grid(pipe, num_inference_steps=r.sample_steps, guidance_scale=r.guidance_scale, seed=seed).save(out/'samples.png')
+    if is_main_process():   # under torchrun every process holds the same model: one writes it
+        pipe.save_pretrained(out)
+        digit_grid(pipe, num_inference_steps=r.sample_steps, guidance_scale=r.guidance_scale, seed=seed).save(out/'samples.png')
     say(f"saved the pipeline and samples.png to {out} ({time.time() - t0:.0f}s)")
     return pipe
 
 # %% ../nbs/13_mini_sd.ipynb #1353c85b
+@contextmanager
+def _file_lock(path):
+    "Hold an exclusive lock on the file `path` while the block runs (other processes wait; no lock where `fcntl` is missing)."
+    try: import fcntl
+    except ImportError: yield; return   # Windows: no inter-process lock
+    with open(path, 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
 def _mnist_pipeline_dir(cache_dir=None) -> Path:
     root = Path(cache_dir or os.environ.get('MINISD_CACHE') or Path.home()/'.cache'/'minisd').expanduser()
     return root/('mnist_sd_fast' if in_test() else 'mnist_sd')
@@ -236,12 +248,14 @@ def _mnist_pipeline_dir(cache_dir=None) -> Path:
 def mnist_pipeline(cache_dir=None) -> StableDiffusion: # default `$MINISD_CACHE`, else `~/.cache/minisd`
     "The trained mini Stable Diffusion, trained once by `train_mnist` (the fast recipe under `nbdev_test`) then cached."
     out = _mnist_pipeline_dir(cache_dir)
-    if not (out/'model_index.json').is_file():
-        partial = out.with_name(out.name + '.partial')   # resumable: `train_mnist` keeps its checkpoints there
-        print(f"training the mini Stable Diffusion once, into {out}")
-        train_mnist(partial, budget(MnistRecipe(), MnistRecipe.fast()), source='embedded', progress=False)
-        if out.exists(): shutil.rmtree(out)   # an incomplete folder left by something else
-        os.replace(partial, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out.with_name(out.name + '.lock')):   # notebooks run in parallel: one trains, the others wait
+        if not (out/'model_index.json').is_file():
+            partial = out.with_name(out.name + '.partial')   # resumable: `train_mnist` keeps its checkpoints there
+            print(f"training the mini Stable Diffusion once, into {out}")
+            train_mnist(partial, budget(MnistRecipe(), MnistRecipe.fast()), source='embedded', progress=False)
+            if out.exists(): shutil.rmtree(out)   # an incomplete folder left by something else
+            os.replace(partial, out)
     pipe = StableDiffusion.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     return pipe

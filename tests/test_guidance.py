@@ -54,7 +54,7 @@ def test_generate_defaults_to_the_unclipped_sampler(unet):
 
 
 def test_generate_with_ddpm(unet):
-    x = generate(unet, torch.tensor([0, 1]), 1., 4, scheduler=mnist_scheduler('ddpm'), seed=0, eta=None)
+    x = generate(unet, torch.tensor([0, 1]), 1., 4, scheduler=mnist_scheduler('ddpm'), seed=0)
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
     assert not torch.allclose(x, generate(unet, torch.tensor([0, 1]), 1., 4, seed=0))   # not the DDIM default
 
