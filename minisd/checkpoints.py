@@ -17,13 +17,14 @@ from .tokenizer import CLIPTokenizer
 from . import schedulers
 
 # %% auto #0
-__all__ = ['PIPELINE_CLASSES', 'read_weights_file', 'load_state_dict_file', 'component_weights_files', 'load_component_weights',
-           'CheckpointError', 'check_state_dict', 'load_into', 'empty_weights', 'split_ldm_checkpoint', 'count_params',
-           'ldm_unet_key', 'unet_config_from_ldm', 'convert_ldm_unet', 'ldm_vae_key', 'convert_ldm_vae',
-           'vae_config_from_ldm', 'convert_ldm_clip', 'convert_open_clip', 'text_config_from_state_dict',
-           'ldm_prediction_type', 'scheduler_config_from_ldm', 'use_ema_weights', 'convert_ldm_checkpoint',
-           'hub_allow_patterns', 'download', 'resolve_tokenizer', 'read_original_config', 'load_single_file',
-           'read_json', 'load_component', 'load_tokenizer', 'load_scheduler', 'load_pipeline_folder', 'load_pipeline']
+__all__ = ['PIPELINE_CLASSES', 'MINISD_PIPELINE_CLASSES', 'read_weights_file', 'load_state_dict_file', 'component_weights_files',
+           'load_component_weights', 'CheckpointError', 'check_state_dict', 'load_into', 'empty_weights',
+           'split_ldm_checkpoint', 'count_params', 'ldm_unet_key', 'unet_config_from_ldm', 'convert_ldm_unet',
+           'ldm_vae_key', 'convert_ldm_vae', 'vae_config_from_ldm', 'convert_ldm_clip', 'convert_open_clip',
+           'text_config_from_state_dict', 'ldm_prediction_type', 'scheduler_config_from_ldm', 'use_ema_weights',
+           'convert_ldm_checkpoint', 'hub_allow_patterns', 'download', 'resolve_tokenizer', 'read_original_config',
+           'load_single_file', 'read_json', 'load_component', 'load_tokenizer', 'load_scheduler',
+           'load_pipeline_folder', 'load_pipeline', 'pipeline_class_name']
 
 # %% ../nbs/14_checkpoints.ipynb #0b546971
 def read_weights_file(path) -> dict:
@@ -542,3 +543,14 @@ def load_pipeline(path, # a diffusers pipeline folder, a single checkpoint file,
         if not _looks_like_hub_id(str(path)): raise FileNotFoundError(f"no pipeline folder or checkpoint file at {path}")
         p = Path(download(str(path), variant=variant))
     return load_pipeline_folder(p, torch_dtype, device, variant)
+
+# %% ../nbs/14_checkpoints.ipynb #c7a1e0d3
+MINISD_PIPELINE_CLASSES = {"StableDiffusionPipeline": "StableDiffusion",   # diffusers' pipeline class -> minisd's
+                           "StableDiffusionInstructPix2PixPipeline": "StableDiffusionInstructPix2Pix",
+                           "StableDiffusionInpaintPipeline": "StableDiffusionInpaint"}
+
+def pipeline_class_name(unet_in_channels:int, # the U-Net's `in_channels` (`conv_in.weight.shape[1]`)
+                        latent_channels:int=4) -> str|None: # the VAE's `latent_channels`
+    "diffusers' pipeline class for a U-Net with this many input channels (text-to-image, InstructPix2Pix, inpainting), or None."
+    return {latent_channels: "StableDiffusionPipeline", 2 * latent_channels: "StableDiffusionInstructPix2PixPipeline",
+            2 * latent_channels + 1: "StableDiffusionInpaintPipeline"}.get(unet_in_channels)

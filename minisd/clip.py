@@ -165,10 +165,27 @@ class CLIPTextModel(nn.Module):
     def forward(self,
                 input_ids:torch.LongTensor,  # (B, T) token ids
                 clip_skip:int=0,  # use the hidden state this many layers before the last
-                output_hidden_states:bool=False,  # return a `CLIPTextOutput` instead of the tensor
-               ):  # (B, T, D) last hidden state, or `CLIPTextOutput`
-        out = self.text_model(input_ids, clip_skip)
-        return out if output_hidden_states else out.last_hidden_state
+               ) -> torch.Tensor:  # (B, T, D) last hidden state; all layers: `self.text_model(input_ids)`
+        return self.text_model(input_ids, clip_skip).last_hidden_state
+
+    def get_input_embeddings(self) -> nn.Embedding: return self.text_model.embeddings.token_embedding
+    def set_input_embeddings(self, emb:nn.Embedding): self.text_model.embeddings.token_embedding = emb
+
+    def resize_token_embeddings(self, new_num_tokens:int) -> nn.Embedding:
+        "Grow (or cut) the token embedding to `new_num_tokens` rows: old rows kept, new rows the mean of the old ones."
+        old = self.get_input_embeddings()
+        n, D = old.weight.shape
+        if new_num_tokens < 1: raise ValueError(f"new_num_tokens must be at least 1, got {new_num_tokens}")
+        if new_num_tokens == n: return old
+        new = nn.Embedding(new_num_tokens, D, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            k = min(n, new_num_tokens)
+            new.weight[:k] = old.weight[:k]
+            new.weight[k:] = old.weight.float().mean(0).to(old.weight.dtype)
+        new.requires_grad_(old.weight.requires_grad)
+        self.set_input_embeddings(new)
+        self.config.vocab_size = new_num_tokens   # saved in config.json, as transformers does
+        return new
 
     def load_state_dict(self, state_dict, strict:bool=True, assign:bool=False):
         "`nn.Module.load_state_dict`, also accepting transformers 5 files (keys without `text_model.`)."

@@ -90,7 +90,8 @@ class CLIPTokenizer:
                  bos_token:str='<|startoftext|>', eos_token:str='<|endoftext|>',
                  pad_token:str='<|endoftext|>',  # SD 1: '<|endoftext|>'; SD 2: '!'
                  unk_token:str='<|endoftext|>',  # for symbols missing from `vocab` (never with a full byte alphabet)
-                 model_max_length:int=77):
+                 model_max_length:int=77,
+                 added_tokens:dict[str, int]|None=None):  # content -> id of tokens split out before BPE (`add_tokens`)
         self.encoder, self.merges = dict(vocab), [tuple(m) for m in merges]
         self.decoder = {i: t for t, i in self.encoder.items()}
         self.bpe_ranks = {m: i for i, m in enumerate(self.merges)}
@@ -105,14 +106,24 @@ class CLIPTokenizer:
         # leftmost match, longest token first at a position
         self._special_re = re.compile('(' + '|'.join(map(re.escape, sorted(self.all_special_tokens, key=len, reverse=True))) + ')')
         self.cache = {}
+        self._set_added_tokens(added_tokens or {})
+
+    def _set_added_tokens(self, added:dict[str, int]):
+        "Install the added tokens (content -> id) and the pattern that finds them in cleaned text."
+        self.added_tokens_encoder = dict(added)
+        self.added_tokens_decoder = {i: t for t, i in self.added_tokens_encoder.items()}
+        self._n_new = sum(i not in self.decoder for i in self.added_tokens_decoder)   # ids past the vocabulary
+        self._added_ids = {clean_text(t): i for t, i in self.added_tokens_encoder.items()}   # matched in lower case
+        keys = sorted(self._added_ids, key=len, reverse=True)   # leftmost match, longest token first at a position
+        self._added_re = re.compile('(' + '|'.join(map(re.escape, keys)) + ')') if keys else None
 
     bos_token_id = property(lambda self: self.encoder[self.bos_token])
     eos_token_id = property(lambda self: self.encoder[self.eos_token])
     pad_token_id = property(lambda self: self.encoder[self.pad_token])
     unk_token_id = property(lambda self: self.encoder[self.unk_token])
-    vocab_size = property(lambda self: len(self.encoder))
-    def __len__(self): return len(self.encoder)
-    def __repr__(self): return f"CLIPTokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, pad_token={self.pad_token!r}, model_max_length={self.model_max_length})"
+    vocab_size = property(lambda self: len(self.encoder))   # the base vocabulary, without added tokens (as transformers)
+    def __len__(self): return len(self.encoder) + self._n_new
+    def __repr__(self): return f"CLIPTokenizer(vocab_size={self.vocab_size}, added_tokens={len(self.added_tokens_encoder)}, merges={len(self.merges)}, pad_token={self.pad_token!r}, model_max_length={self.model_max_length})"
 
     def bpe(self, word:str) -> list[str]:
         "Cached `bpe` of one byte-unicode word."
@@ -122,25 +133,32 @@ class CLIPTokenizer:
         return self.cache[word]
 
     def tokenize(self, text:str) -> list[str]:
-        "The symbols of `text` (no start/end tokens)."
+        "The symbols of `text` (no start/end tokens): special tokens, then added tokens are split out before BPE."
         out = []
         for i, chunk in enumerate(self._special_re.split(text)):
             if i % 2: out.append(chunk); continue   # odd chunks are the special tokens themselves
-            for w in pre_tokenize(clean_text(chunk)):
-                out += self.bpe(''.join(BYTE_ENCODER[b] for b in w.encode('utf-8')))
+            chunk = clean_text(chunk)
+            for j, piece in enumerate(self._added_re.split(chunk) if self._added_re else [chunk]):
+                if j % 2: out.append(piece); continue   # odd pieces are added tokens (lower-cased)
+                for w in pre_tokenize(piece):
+                    out += self.bpe(''.join(BYTE_ENCODER[b] for b in w.encode('utf-8')))
         return out
+
+    def _token_id(self, t:str) -> int: return self._added_ids[t] if t in self._added_ids else self.encoder.get(t, self.unk_token_id)
 
     def encode(self, text:str, add_special_tokens:bool=True) -> list[int]:
         "Token ids of `text`, untruncated, wrapped in start/end tokens if `add_special_tokens`."
-        ids = [self.encoder.get(t, self.unk_token_id) for t in self.tokenize(text)]
+        ids = [self._token_id(t) for t in self.tokenize(text)]
         return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
 
     def decode(self, ids, skip_special_tokens:bool=True) -> str:
         "Text of a sequence of ids: bytes decoded as UTF-8 (bad bytes -> U+FFFD), each `</w>` -> a space."
         if isinstance(ids, torch.Tensor): ids = ids.tolist()
         if skip_special_tokens: ids = [i for i in ids if i not in self.all_special_ids]
-        s = ''.join(self.decoder[i] for i in ids)
-        s = bytes(BYTE_DECODER[c] for c in s).decode('utf-8', errors='replace')
+        s = ''.join(self.decoder[i] if i in self.decoder else clean_text(self.added_tokens_decoder[i]) for i in ids)
+        # an added token comes back lower-cased, and its characters go through the byte map too (so 'é' in one
+        # becomes U+FFFD): what transformers does
+        s = b''.join(bytes([BYTE_DECODER[c]]) if c in BYTE_DECODER else c.encode('utf-8') for c in s).decode('utf-8', errors='replace')
         return s.replace('</w>', ' ').strip(WHITESPACE)
 
 # %% ../nbs/10_tokenizer.ipynb #587a5ac9
@@ -177,6 +195,22 @@ def from_files(cls:CLIPTokenizer, vocab_file, merges_file, **kwargs) -> CLIPToke
         if not Path(f).is_file(): raise FileNotFoundError(f"tokenizer file not found: {f}")
     return cls(json.loads(Path(vocab_file).read_text(encoding='utf-8')), _read_merges(merges_file), **kwargs)
 
+def _read_added_tokens(path:Path, tok:CLIPTokenizer) -> dict[str, int]:
+    "Added tokens (content -> id) from `added_tokens.json`, `tokenizer_config.json`'s `added_tokens_decoder` and `tokenizer.json`."
+    entries = []   # (content, id)
+    if (path/'added_tokens.json').exists(): entries += json.loads((path/'added_tokens.json').read_text(encoding='utf-8')).items()
+    if (path/'tokenizer_config.json').exists():
+        dec = json.loads((path/'tokenizer_config.json').read_text(encoding='utf-8')).get('added_tokens_decoder') or {}
+        entries += [(_token_str(t), int(i)) for i, t in dec.items()]
+    if (path/'tokenizer.json').exists():
+        entries += [(t['content'], t['id']) for t in json.loads((path/'tokenizer.json').read_text(encoding='utf-8')).get('added_tokens') or []]
+    added = {}
+    for t, i in entries:
+        if t in tok.all_special_tokens and tok.encoder[t] == i: continue   # the special tokens, listed again
+        if added.get(t, i) != i: raise ValueError(f"{path}: added token {t!r} has two ids, {added[t]} and {i}")
+        added[t] = i
+    return added
+
 @patch(cls_method=True)
 def from_pretrained(cls:CLIPTokenizer, path) -> CLIPTokenizer:
     "Load a tokenizer folder (or a pipeline folder with `tokenizer/`) in the transformers/diffusers layout."
@@ -192,21 +226,29 @@ def from_pretrained(cls:CLIPTokenizer, path) -> CLIPTokenizer:
     if (path/'vocab.json').exists() or not (path/'tokenizer.json').exists():
         if not (path/'merges.txt').exists() or not (path/'vocab.json').exists():
             raise FileNotFoundError(f"{path} needs vocab.json and merges.txt (or tokenizer.json)")
-        return cls.from_files(path/'vocab.json', path/'merges.txt', **kw)
-    model = json.loads((path/'tokenizer.json').read_text(encoding='utf-8'))['model']
-    return cls(model['vocab'], [tuple(m.split(' ')) if isinstance(m, str) else tuple(m) for m in model['merges']], **kw)
+        tok = cls.from_files(path/'vocab.json', path/'merges.txt', **kw)
+    else:
+        model = json.loads((path/'tokenizer.json').read_text(encoding='utf-8'))['model']
+        tok = cls(model['vocab'], [tuple(m.split(' ')) if isinstance(m, str) else tuple(m) for m in model['merges']], **kw)
+    tok._set_added_tokens(_read_added_tokens(path, tok))
+    return tok
 
 @patch
 def save_pretrained(self:CLIPTokenizer, path) -> Path:
-    "Write `vocab.json`, `merges.txt`, `special_tokens_map.json` and `tokenizer_config.json` to folder `path`."
+    "Write `vocab.json`, `merges.txt`, `special_tokens_map.json`, `tokenizer_config.json` (and `added_tokens.json`) to `path`."
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     special = dict(bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token, unk_token=self.unk_token)
+    entry = lambda t, sp: dict(content=t, lstrip=False, normalized=not sp, rstrip=False, single_word=False, special=sp)
+    decoder = {**{self.encoder[t]: entry(t, True) for t in self.all_special_tokens},
+               **{i: entry(t, False) for t, i in self.added_tokens_encoder.items()}}
     config = dict(tokenizer_class='CLIPTokenizer', model_max_length=self.model_max_length, do_lower_case=True,
-                  errors='replace', add_prefix_space=False, **special)
+                  errors='replace', add_prefix_space=False, **special,
+                  added_tokens_decoder={str(i): decoder[i] for i in sorted(decoder)})
     files = {'vocab.json': json.dumps(self.encoder, ensure_ascii=False, indent=2),
              'merges.txt': '#version: 0.2\n' + ''.join(f'{a} {b}\n' for a, b in self.merges),
              'special_tokens_map.json': json.dumps(special, indent=2),
-             'tokenizer_config.json': json.dumps(config, indent=2)}
+             'tokenizer_config.json': json.dumps(config, ensure_ascii=False, indent=2)}
+    if self.added_tokens_encoder: files['added_tokens.json'] = json.dumps(self.added_tokens_encoder, ensure_ascii=False, indent=2)
     for fn, s in files.items(): atomic_write(path/fn, lambda p: Path(p).write_text(s, encoding='utf-8'))
     return path
 
@@ -236,3 +278,38 @@ def train(cls:CLIPTokenizer,
         splits = [(bpe_step(parts, pair), n) for parts, n in splits]
     vocab += ['<|startoftext|>', '<|endoftext|>']
     return cls({t: i for i, t in enumerate(vocab)}, merges, **kwargs)
+
+# %% ../nbs/10_tokenizer.ipynb #1cc77569
+@patch
+def add_tokens(self:CLIPTokenizer, tokens:str|list[str]) -> int:
+    "Add whole-string tokens, split out before BPE; new ones get ids from `len(self)`. Returns how many were new."
+    if isinstance(tokens, str): tokens = [tokens]
+    added, n = dict(self.added_tokens_encoder), 0
+    for t in tokens:
+        if not isinstance(t, str): raise TypeError(f"tokens must be strings, got {type(t).__name__}: {t!r}")
+        if t == '' or t in added: continue
+        if t in self.encoder: added[t] = self.encoder[t]   # an existing symbol: now split out, same id (as transformers)
+        else: added[t] = len(self) + n; n += 1
+    self._set_added_tokens(added)
+    return n
+
+@patch
+def remove_added_tokens(self:CLIPTokenizer, tokens:list[str]) -> list[int]:
+    "Remove added tokens; later new ids move down to close the gaps. Returns the freed ids (those past the vocabulary)."
+    missing = [t for t in tokens if t not in self.added_tokens_encoder]
+    if missing: raise KeyError(f"not added tokens: {missing}; the added tokens are {list(self.added_tokens_encoder)}")
+    freed = sorted({self.added_tokens_encoder[t] for t in tokens} - set(self.decoder))
+    shift = lambda i: i - sum(f < i for f in freed)   # the row index once the freed rows are gone
+    self._set_added_tokens({t: shift(i) for t, i in self.added_tokens_encoder.items() if t not in tokens})
+    return freed
+
+@patch
+def convert_tokens_to_ids(self:CLIPTokenizer, tokens:str|list[str]) -> int|list[int]:
+    "The id of a token (added tokens by their exact content, then the vocabulary; unknown -> `unk_token_id`)."
+    f = lambda t: self.added_tokens_encoder.get(t, self.encoder.get(t, self.unk_token_id))
+    return f(tokens) if isinstance(tokens, str) else [f(t) for t in tokens]
+
+@patch
+def get_vocab(self:CLIPTokenizer) -> dict[str, int]:
+    "Every token -> id, added tokens included."
+    return {**self.encoder, **self.added_tokens_encoder}

@@ -41,7 +41,7 @@ def test_matches_transformers(kw, pad_with_eos):
     ids = _ids(cfg, pad_with_eos=pad_with_eos)
     with torch.no_grad():
         want = ref(ids, output_hidden_states=True)
-        got = ours(ids, output_hidden_states=True)
+        got = ours.text_model(ids)
         assert_close(ours(ids), want.last_hidden_state)
         assert_close(got.last_hidden_state, want.last_hidden_state)
         assert_close(got.pooler_output, want.pooler_output)
@@ -55,10 +55,10 @@ def test_pooling_rule_differs_with_legacy_eos():
     "eos_token_id=2 pools at the highest id, otherwise at the first eos: a wrong rule would break one of these."
     cfg, ours, ref = _models(CONFIGS[1])
     ids = torch.tensor([[98, 5, 99, 97, 0, 0]])   # 97 < 99: highest id is the eos here
-    out = ours(ids, output_hidden_states=True)
+    out = ours.text_model(ids)
     assert_close(out.pooler_output, out.last_hidden_state[:, 2])
     ids = torch.tensor([[98, 5, 99, 99, 99, 99]])   # padded with eos: first one
-    out = ours(ids, output_hidden_states=True)
+    out = ours.text_model(ids)
     assert_close(out.pooler_output, out.last_hidden_state[:, 2])
 
 def test_position_ids_and_unprefixed_keys_load_strict():
@@ -111,3 +111,31 @@ def test_clip_loss_and_model():
     logits = m(torch.rand(2, 1, 28, 28), ids)
     assert logits.shape == (2, 3) and logits.abs().max() <= 100 + 1e-4
     assert_close(m.get_text_features(ids).norm(dim=-1), torch.ones(3))
+
+def test_forward_always_returns_the_tensor():
+    "One return type: the last hidden state; clip skip by argument, every layer through `text_model`."
+    cfg, ours, ref = _models(CONFIGS[2])
+    ids = _ids(cfg)
+    with torch.no_grad():
+        out, all_layers = ours(ids), ours.text_model(ids)
+        assert isinstance(out, torch.Tensor) and isinstance(ours(ids, clip_skip=2), torch.Tensor)
+    assert_close(out, all_layers.last_hidden_state)
+    with pytest.raises(TypeError): ours(ids, output_hidden_states=True)
+
+@pytest.mark.parametrize('new', [103, 100, 97])
+def test_resize_token_embeddings_matches_transformers(tmp_path, new):
+    "Old rows kept, new rows at the old rows' mean (transformers samples them with ~1e-9 covariance), config updated."
+    cfg, ours, ref = _models(CONFIGS[1])
+    old = ours.get_input_embeddings().weight.detach().clone()
+    ours.get_input_embeddings().weight.requires_grad_(False)
+    emb, want = ours.resize_token_embeddings(new), ref.resize_token_embeddings(new).weight.detach()
+    assert emb is ours.get_input_embeddings() and emb.weight.shape == want.shape == (new, 48)
+    assert not emb.weight.requires_grad   # the old embedding's setting carries over
+    k = min(new, 100)
+    assert torch.equal(emb.weight[:k], old[:k])
+    assert_close(emb.weight[k:], want[k:], atol=1e-3, rtol=0)
+    assert_close(emb.weight[k:], old.mean(0).expand(new - k, -1), atol=1e-6, rtol=0)
+    assert ours.config.vocab_size == ref.config.vocab_size == new
+    ids = torch.tensor([[98, new - 1, 5, 99]]) % new
+    with torch.no_grad(): assert_close(ours(ids), ref(ids).last_hidden_state, atol=1e-3, rtol=0)   # new rows: the noise
+    with pytest.raises(ValueError, match='at least 1'): ours.resize_token_embeddings(0)

@@ -396,3 +396,13 @@ def test_train_lora_changes_only_the_adapters_and_resumes(folder, tmp_path):
     for k, v in ml.get_peft_model_state_dict(again.unet).items(): assert_close(v, trained[k])  # finished checkpoint: loaded, not retrained
     with pytest.raises(ValueError, match=r'images have to be \(N, 3, H, W\)'): ml.train_lora(again, ims[:, :1], prompts)
     with pytest.raises(ValueError, match='2 prompts for 6 images'): ml.train_lora(again, ims, prompts[:2])
+
+
+def test_unet_takes_scale_without_lora(folder):
+    "diffusers' `cross_attention_kwargs={'scale': s}` on a U-Net without adapters: no processor warning, same output."
+    import warnings
+    pipe, _ = pipes(folder)
+    x, ehs = torch.randn(1, 4, 4, 4, generator=gen(1)), torch.randn(1, 7, 32, generator=gen(2))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert_close(pipe.unet(x, 10, ehs, cross_attention_kwargs={'scale': 0.3}), pipe.unet(x, 10, ehs))

@@ -126,3 +126,94 @@ def test_train_learns_frequent_words():
     assert tok.vocab_size < 2000    # stopped when no pair repeats
     small = CLIPTokenizer.train(['the digit seven'] * 5, vocab_size=516)
     assert small.vocab_size == 516 and len(small.merges) == 2
+
+# --------------------------------------------------------------------------------------------------------------
+# added tokens
+
+ADDED = ['sks', '<My-Style>', '<cat-toy>', '<cat-toy>_1', 'café', 'a', '<a>', '<ab>', 'dog', '😀x', 'sks']
+ADDED_TEXTS = TEXTS + [
+    "asks sks", "A <my-style> dog", "<MY-STYLE>!", "a <cat-toy> <cat-toy>_1 backpack", "<CAT-TOY>_1<cat-toy>",
+    "a café sks 😀x! z", "<ab> <a> <abc> <<a>>", "hotdog dogs dog, sks-sks", "sks<|endoftext|>SKS", "Ⅻ sks ΟΔΟΣ <a>",
+    "it's a <cat-toy>'s dog", "  SKS\t\n<My-Style>  ", "the digit seven" * 3 + " <cat-toy>" * 30]
+
+def _added_pair(tmp_path, trained):
+    ours, ref = _pair(tmp_path, trained, '<|endoftext|>')
+    ours.add_tokens(ADDED); ref.add_tokens(ADDED)
+    return ours, ref
+
+def _check_same(ours, ref):
+    assert len(ours) == len(ref)
+    for t in ADDED_TEXTS:
+        assert ours.tokenize(t) == ref.tokenize(t), t
+        assert ours.encode(t) == ref(t).input_ids, t
+        assert ours.decode(ours.encode(t)) == ref.decode(ref(t).input_ids, skip_special_tokens=True), t
+    assert torch.equal(ours(ADDED_TEXTS), ref(ADDED_TEXTS, padding='max_length', truncation=True, max_length=77, return_tensors='pt').input_ids)
+
+def test_added_tokens_match_transformers(tmp_path, trained):
+    "Ids equal transformers' after add_tokens: inside words, any case, punctuation, longest match first, old symbols."
+    ours, ref = _added_pair(tmp_path, trained)
+    n = len(trained)
+    assert 'a' in trained.encoder and 'dog' not in trained.encoder
+    assert len(ours) == n + 9   # 'a' exists (a byte symbol), 'sks' is listed twice
+    assert ours.encode('asks sks', add_special_tokens=False) == [ours.encoder['a'], n, n]   # the added 'a', no </w>
+    assert ours.encode('<MY-STYLE>!', add_special_tokens=False) == [n + 1, ours.encoder['!</w>']]
+    assert ours.convert_tokens_to_ids(['<cat-toy>', '<cat-toy>_1', 'a']) == ref.convert_tokens_to_ids(['<cat-toy>', '<cat-toy>_1', 'a'])
+    assert ours.get_vocab() == ref.get_vocab()
+    _check_same(ours, ref)
+    assert ours.add_tokens(['sks', 'new']) == 1 and ours.convert_tokens_to_ids('new') == n + 9
+
+def test_added_tokens_saved_minisd_to_transformers(tmp_path, trained):
+    ours, _ = _added_pair(tmp_path/'a', trained)
+    ours.save_pretrained(tmp_path/'b')
+    saved = json.loads((tmp_path/'b'/'added_tokens.json').read_text())
+    assert saved['<My-Style>'] == len(trained) + 1 and 'a' in saved
+    _check_same(ours, transformers.CLIPTokenizer.from_pretrained(tmp_path/'b'))
+    back = CLIPTokenizer.from_pretrained(tmp_path/'b')
+    assert back.added_tokens_encoder == ours.added_tokens_encoder and len(back) == len(ours)
+
+@pytest.mark.parametrize('layout', ['transformers5', 'added_tokens.json', 'added_tokens_decoder'])
+def test_added_tokens_saved_transformers_to_minisd(tmp_path, trained, layout):
+    "What transformers 5 writes (tokenizer.json), and each of transformers 4's two files on its own."
+    _, ref = _added_pair(tmp_path/'a', trained)
+    d = tmp_path/'b'
+    if layout == 'transformers5':
+        ref.save_pretrained(d)
+        assert not (d/'vocab.json').exists()
+    else:
+        trained.save_pretrained(d)
+        added = {t: i for t, i in ref.get_vocab().items() if t not in trained.encoder or trained.encoder[t] != i}
+        added.update({t: ref.convert_tokens_to_ids(t) for t in ('a',)})
+        cfg = json.loads((d/'tokenizer_config.json').read_text())
+        if layout == 'added_tokens.json':   # an older config (SD 1.5's) has no added_tokens_decoder
+            (d/'added_tokens.json').write_text(json.dumps(added))
+            del cfg['added_tokens_decoder']
+        else:
+            cfg['added_tokens_decoder'].update({str(i): dict(content=t, lstrip=False, normalized=True, rstrip=False,
+                                                             single_word=False, special=False) for t, i in added.items()})
+        (d/'tokenizer_config.json').write_text(json.dumps(cfg))
+    ours = CLIPTokenizer.from_pretrained(d)
+    _check_same(ours, ref)
+    _check_same(ours, transformers.CLIPTokenizer.from_pretrained(d))
+
+def test_added_tokens_bad_input(tmp_path, trained):
+    tok = CLIPTokenizer(trained.encoder, trained.merges)
+    with pytest.raises(TypeError, match='strings'): tok.add_tokens(['ok', 3])
+    assert tok.add_tokens(['', '']) == 0 and len(tok) == len(trained)
+    trained.save_pretrained(tmp_path)
+    (tmp_path/'added_tokens.json').write_text(json.dumps({'sks': len(trained)}))
+    cfg = json.loads((tmp_path/'tokenizer_config.json').read_text())
+    cfg['added_tokens_decoder'][str(len(trained) + 1)] = dict(content='sks', special=False)
+    (tmp_path/'tokenizer_config.json').write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'sks' has two ids"): CLIPTokenizer.from_pretrained(tmp_path)
+
+def test_remove_added_tokens_closes_gaps(tmp_path, trained):
+    tok = CLIPTokenizer(trained.encoder, trained.merges)
+    n = len(tok)
+    tok.add_tokens(['<p>', 'a', '<q>', '<r>'])
+    assert tok.remove_added_tokens(['<q>', 'a']) == [n + 1]   # 'a' is a vocabulary symbol: no row freed
+    assert tok.added_tokens_encoder == {'<p>': n, '<r>': n + 1} and len(tok) == n + 2
+    tok.save_pretrained(tmp_path)
+    ref = transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    assert len(ref) == n + 2
+    for t in ['<p> a <q> <r>', 'asks <R><P>']: assert tok.encode(t) == ref(t).input_ids, t
+    with pytest.raises(KeyError, match='<q>'): tok.remove_added_tokens(['<q>'])
