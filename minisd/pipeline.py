@@ -13,6 +13,7 @@ from PIL import Image
 from fastprogress.fastprogress import progress_bar
 from .core import to_pil, from_pil, randn_tensor, save_json, save_weights
 from .ddpm import sample, apply_guidance
+from . import lora
 from . import checkpoints, textual_inversion
 
 # %% auto #0
@@ -138,6 +139,34 @@ class StableDiffusion:
         "The five parts by name, as diffusers' `pipe.components`: `OtherPipeline(**pipe.components)` shares them."
         return dict(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, scheduler=self.scheduler)
 
+    # -- LoRA adapters (`minisd.lora`), with diffusers' method names
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, # a LoRA file, a folder holding one, or a state dict
+                          adapter_name:str|None=None, weight_name:str|None=None):
+        "Load a LoRA (diffusers/PEFT, old diffusers or kohya keys) into the U-Net and the text encoder."
+        lora.load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name, weight_name)
+
+    def _lora_models(self, components):
+        bad = [c for c in components if c not in lora.LORA_COMPONENTS]
+        if bad: raise ValueError(f"components {bad} can't hold LoRA adapters: choose from {list(lora.LORA_COMPONENTS)}")
+        return [getattr(self, c) for c in components]
+
+    def fuse_lora(self, components=lora.LORA_COMPONENTS, lora_scale:float=1.0):
+        "Merge the LoRA adapters into the weights, `W += lora_scale * alpha/r * up @ down`."
+        for m in self._lora_models(components): lora.fuse_lora(m, lora_scale)
+
+    def unfuse_lora(self, components=lora.LORA_COMPONENTS):
+        "Take fused adapters out of the weights again."
+        for m in self._lora_models(components): lora.unfuse_lora(m)
+
+    def unload_lora_weights(self):
+        "Remove the LoRA adapters (fused ones stay in the weights)."
+        for m in self._lora_models(lora.LORA_COMPONENTS): lora.unload_lora(m)
+
+    @classmethod
+    def save_lora_weights(cls, save_directory, unet_lora_layers=None, text_encoder_lora_layers=None, **kwargs):
+        "Write `pytorch_lora_weights.safetensors` as diffusers does (`minisd.lora.save_lora_weights`)."
+        return lora.save_lora_weights(save_directory, unet_lora_layers, text_encoder_lora_layers, **kwargs)
+
     # -- device, dtype, display
     @property
     def device(self) -> torch.device: return self._offload_device or self.unet.device   # with offload: where the models run
@@ -213,8 +242,12 @@ class StableDiffusion:
                       negative_prompt:str|list[str]|None=None, # what to steer away from (CFG's unconditional side); `None` -> ""
                       num_images_per_prompt:int=1, # images generated for each prompt
                       do_classifier_free_guidance:bool=True, # also return the unconditional embeddings
-                      clip_skip:int=0): # use the hidden states this many layers before the last
+                      clip_skip:int=0, # use the hidden states this many layers before the last
+                      lora_scale:float|None=None): # scale the text encoder's LoRA adapters by this (diffusers' runtime scale)
         "Text embeddings `(B*n, 77, D)` for `prompt`, and the unconditional ones for CFG (or `None`)."
+        if lora_scale is not None:
+            with lora.scaled_lora(self.text_encoder, scale=lora_scale):
+                return self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_classifier_free_guidance, clip_skip)
         prompts = self.maybe_convert_prompt(_as_prompt_list(prompt))   # multi-vector textual inversion tokens
         te_dtype = self.text_encoder.dtype
         ids = self.tokenize(prompts).to(self.device)
@@ -429,7 +462,8 @@ class StableDiffusion:
                              f"({len(prompts)} prompts x {num_images_per_prompt}): give one generator per image")
         cfg = guidance_scale > 1
         with torch.no_grad(), _eval_mode(self.unet, self.vae, self.text_encoder):
-            cond, uncond = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, cfg, clip_skip)
+            cond, uncond = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, cfg, clip_skip,
+                                              (cross_attention_kwargs or {}).get("scale"))  # LoRA scale: the text encoder's too
             embeds = torch.cat([uncond, cond]) if cfg else cond
             self.scheduler.set_timesteps(num_inference_steps, device=self.device)
             if image is None:

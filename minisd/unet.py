@@ -661,6 +661,8 @@ class UNet(nn.Module):
                ) -> torch.Tensor:                          # (B, out_channels, H, W), e.g. the predicted noise
         "Predict from `sample` at `timestep`, conditioned on text (`encoder_hidden_states`) and/or `class_labels`."
         c = self.config
+        if cross_attention_kwargs and "scale" in cross_attention_kwargs:   # diffusers' LoRA scale: `minisd.lora` applies it, processors don't take it
+            cross_attention_kwargs = {k: v for k, v in cross_attention_kwargs.items() if k != "scale"} or None
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
             raise ValueError(f"`sample` has to be (B, {c.in_channels}, H, W) for this U-Net, got {tuple(sample.shape)}")
         if encoder_hidden_states is not None and self.has_cross_attention and (
