@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 import torch
 from torch.nn.modules.module import register_module_parameter_registration_hook
+from .core import align_prefix
 from .data import hf_offline, hub_reachable
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -119,22 +120,12 @@ def check_state_dict(expected:dict, sd:dict, ignore=(), n:int=10, name:str='mode
         raise CheckpointError(f"the checkpoint does not fit the {name}:\n  " + '\n  '.join(lines))
     return sd
 
-def _align_prefix(expected, sd:dict) -> dict:
-    "Add or strip one leading name level all keys of one side share and the other lacks (transformers 5 drops `text_model.`)."
-    def common(keys):
-        heads = {k.split('.', 1)[0] for k in keys}
-        return next(iter(heads)) + '.' if len(heads) == 1 and all('.' in k for k in keys) else None
-    if not sd or any(k in expected for k in sd): return sd
-    if (p := common(expected)) and not any(k.startswith(p) for k in sd): return {p + k: v for k, v in sd.items()}
-    if (p := common(sd)) and not any(k.startswith(p) for k in expected): return {k[len(p):]: v for k, v in sd.items()}
-    return sd
-
 def load_into(module:torch.nn.Module, state_dict:dict, ignore=_IGNORED_KEYS, n:int=10,
               assign:bool=False, # the module takes the checkpoint's tensors instead of copying them (see `empty_weights`)
               dtype=None, device=None): # with `assign`: cast/move each tensor as it goes in (default dtype: the module's)
     "Load `state_dict` into `module` strictly (keys matching an `ignore` regex dropped), errors naming keys; returns `module`."
     expected = module.state_dict()
-    sd = check_state_dict(expected, _align_prefix(expected, state_dict), ignore, n, name=type(module).__name__)
+    sd = check_state_dict(expected, align_prefix(expected, state_dict), ignore, n, name=type(module).__name__)
     if assign:
         sd = {k: v.to(device=device, dtype=dtype or expected[k].dtype).contiguous() if v.is_floating_point() else v.to(device)
               for k, v in sd.items()}
