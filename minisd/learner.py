@@ -5,6 +5,7 @@
 # %% ../nbs/02_learner.ipynb #81c4e09a
 from __future__ import annotations
 import atexit, copy, json, math, os, random, sys, time, warnings
+from datetime import timedelta
 from collections import defaultdict
 from contextlib import nullcontext
 from functools import partial
@@ -489,7 +490,10 @@ class CheckpointCB(Callback):
 
 # %% ../nbs/02_learner.ipynb #d4a0b7fc
 def _destroy_process_group():
-    if dist.is_initialized(): dist.destroy_process_group()
+    "At exit: wait until every process is done (no one tears down gloo's connections under another), then leave the group."
+    if not dist.is_initialized(): return
+    if dist.get_backend() == 'gloo': dist.monitored_barrier(timeout=timedelta(seconds=30))   # names a process that never came
+    dist.destroy_process_group()
 
 def _init_process_group(device:torch.device):
     "Join the launch's process group unless the script already has: gloo on CPU, nccl on CUDA (this process's GPU)."
