@@ -299,8 +299,7 @@ def text_config_from_state_dict(sd:dict, open_clip:bool=False) -> dict:
         layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 # %% ../nbs/14_checkpoints.ipynb #82069f5f
-_SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
-    steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing='leading', prediction_type='epsilon')
+_SD_SCHEDULER_CONFIG = {**schedulers.SCHEDULER_PRESETS['sd15'], 'timestep_spacing': 'leading', 'prediction_type': 'epsilon'}
 
 def ldm_prediction_type(sd2:bool, original_config:dict|None=None, global_step=None, prediction_type:str|None=None) -> str:
     "'epsilon' or 'v_prediction': the argument, else the yaml's `parameterization`, else the SD 2 heuristic."
