@@ -63,12 +63,28 @@ def random_tokenizer_dir() -> str:
     return d
 
 
-def reference_models(args, dtype, device):
-    "diffusers/transformers SD 1.5 components (random, or from `--model`), a tokenizer folder, on `device` in `dtype`."
-    import diffusers, transformers
+def sd15_configs() -> dict:
+    "SD 1.5's component configs (diffusers / transformers key names), as minisd writes them."
     from minisd.unet import UNetConfig
     from minisd.vae import VAEConfig
     from minisd.clip import CLIPTextConfig
+    return dict(unet=UNetConfig.sd15().to_dict(), vae=VAEConfig.sd15().to_dict(), text=CLIPTextConfig.sd15().to_dict())
+
+
+def random_reference(configs:dict|None=None, device='cpu', seed:int=0):
+    "fp32 diffusers U-Net and VAE and transformers text encoder with random weights, built (and initialised) on `device`."
+    import diffusers, transformers
+    configs = configs or sd15_configs()
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return (diffusers.UNet2DConditionModel.from_config(configs['unet']).eval(),
+                diffusers.AutoencoderKL.from_config(configs['vae']).eval(),
+                transformers.CLIPTextModel(transformers.CLIPTextConfig(**configs['text'])).eval())
+
+
+def reference_models(args, dtype, device):
+    "diffusers/transformers SD 1.5 components (random, or from `--model`), a tokenizer folder, on `device` in `dtype`."
+    import diffusers
     if args.model:
         dp = diffusers.StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, safety_checker=None)
         tok_dir = dp.tokenizer.name_or_path if os.path.isdir(str(dp.tokenizer.name_or_path)) else None
@@ -76,11 +92,8 @@ def reference_models(args, dtype, device):
         unet, vae, text = dp.unet, dp.vae, dp.text_encoder
         sched_cfg = dict(dp.scheduler.config)
     else:
-        torch.manual_seed(0)
         t0 = time.perf_counter()
-        unet = diffusers.UNet2DConditionModel.from_config(UNetConfig.sd15().to_dict())
-        vae = diffusers.AutoencoderKL.from_config(VAEConfig.sd().to_dict())
-        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIPTextConfig.sd15().to_dict()))
+        unet, vae, text = random_reference(device=device)
         print(f"random full-size SD 1.5 weights built in {time.perf_counter() - t0:.1f} s")
         tok_dir, sched_cfg = random_tokenizer_dir(), None
     mf = torch.channels_last if args.channels_last else torch.preserve_format
@@ -141,45 +154,59 @@ def report(name:str, res:dict, lines:list):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def bench_components(args, comps, models, dtype, device, lines):
+def component_fns(models, device, dtype, channels_last:bool=False, seed:int=0) -> dict:
+    """name -> (label, {'minisd': f, 'diffusers': f}): one U-Net step (CFG batch 2), VAE decode, text encoder, on the same
+    random inputs (drawn in fp32 on the CPU from `seed`, then cast, so that every dtype sees the same numbers)."""
     unet, vae, text, m_unet, m_vae, m_text = models
-    g = torch.Generator().manual_seed(0)
-    mf = torch.channels_last if args.channels_last else torch.contiguous_format
-    if 'unet' in comps:
-        x = torch.randn(2, 4, 64, 64, generator=g).to(device, dtype).contiguous(memory_format=mf)
-        ehs = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
-        t = torch.tensor(981, device=device)
-        res = race({'minisd': lambda: m_unet(x, t, encoder_hidden_states=ehs),
-                    'diffusers': lambda: unet(x, t, encoder_hidden_states=ehs).sample}, args.warmup, args.repeats, device)
-        report('U-Net step (2x4x64x64, CFG)', res, lines)
-    if 'vae' in comps:
-        z = torch.randn(1, 4, 64, 64, generator=g).to(device, dtype).contiguous(memory_format=mf)
-        res = race({'minisd': lambda: m_vae.decode(z), 'diffusers': lambda: vae.decode(z).sample}, args.warmup, args.repeats, device)
-        report('VAE decode (1x4x64x64)', res, lines)
-    if 'text' in comps:
-        ids = torch.randint(0, text.config.vocab_size, (2, 77), generator=g).to(device)
-        res = race({'minisd': lambda: m_text(ids), 'diffusers': lambda: text(ids).last_hidden_state},
-                   args.warmup, args.repeats, device)
-        report('text encoder (2x77)', res, lines)
+    g = torch.Generator().manual_seed(seed)
+    mf = torch.channels_last if channels_last else torch.contiguous_format
+    ucfg = m_unet.config
+    s = ucfg.sample_size[0] if isinstance(ucfg.sample_size, (list, tuple)) else ucfg.sample_size
+    x = torch.randn(2, ucfg.in_channels, s, s, generator=g).to(device, dtype).contiguous(memory_format=mf)
+    ehs = torch.randn(2, 77, ucfg.cross_attention_dim, generator=g).to(device, dtype)
+    t = torch.tensor(981, device=device)
+    z = torch.randn(1, m_vae.config.latent_channels, s, s, generator=g).to(device, dtype).contiguous(memory_format=mf)
+    ids = torch.randint(0, m_text.config.vocab_size, (2, 77), generator=g).to(device)
+    return {'unet': (f'U-Net step (2x{ucfg.in_channels}x{s}x{s}, CFG)',
+                     {'minisd': lambda: m_unet(x, t, encoder_hidden_states=ehs),
+                      'diffusers': lambda: unet(x, t, encoder_hidden_states=ehs).sample}),
+            'vae': (f'VAE decode (1x{m_vae.config.latent_channels}x{s}x{s})',
+                    {'minisd': lambda: m_vae.decode(z), 'diffusers': lambda: vae.decode(z).sample}),
+            'text': ('text encoder (2x77)', {'minisd': lambda: m_text(ids), 'diffusers': lambda: text(ids).last_hidden_state})}
 
 
-def bench_e2e(args, models, tok_dir, sched_cfg, dtype, device, lines):
-    "txt2img at `args.size` pixels, `args.steps` DDIM steps, both pipelines on the same modules, scheduler and noise."
+def bench_components(args, comps, models, dtype, device, lines):
+    for name, (label, fns) in component_fns(models, device, dtype, args.channels_last).items():
+        if name in comps: report(label, race(fns, args.warmup, args.repeats, device), lines)
+
+
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
+                      clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def make_pipelines(models, tok_dir, sched_cfg=None):
+    "minisd's `StableDiffusion` and diffusers' `StableDiffusionPipeline` on `models` (ref unet, vae, text, then minisd's), DDIM."
     import diffusers, transformers
     from minisd.pipeline import StableDiffusion
     from minisd.tokenizer import CLIPTokenizer
     from minisd.schedulers import DDIMScheduler
     unet, vae, text, m_unet, m_vae, m_text = models
-    sd15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    cfg = {k: v for k, v in (sched_cfg or sd15).items() if not k.startswith('_')}
-    dp = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text,
-                                           tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir),
-                                           scheduler=diffusers.DDIMScheduler.from_config(cfg), safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)
-    dp.set_progress_bar_config(disable=True)
+    cfg = {k: v for k, v in (sched_cfg or SD15_SCHEDULER).items() if not k.startswith('_')}
+    dp = None
+    if unet is not None:
+        dp = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text,
+                                               tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir),
+                                               scheduler=diffusers.DDIMScheduler.from_config(cfg), safety_checker=None,
+                                               feature_extractor=None, requires_safety_checker=False)
+        dp.set_progress_bar_config(disable=True)
     mp = StableDiffusion(m_unet, m_vae, m_text, CLIPTokenizer.from_pretrained(tok_dir), DDIMScheduler.from_config(cfg))
-    mp.show_progress = False
+    mp.set_progress_bar_config(disable=True)
+    return mp, dp
+
+
+def bench_e2e(args, models, tok_dir, sched_cfg, dtype, device, lines):
+    "txt2img at `args.size` pixels, `args.steps` DDIM steps, both pipelines on the same modules, scheduler and noise."
+    mp, dp = make_pipelines(models, tok_dir, sched_cfg)
     kw = dict(prompt="a photograph of an astronaut riding a horse", num_inference_steps=args.steps, guidance_scale=7.5,
               height=args.size, width=args.size, output_type='pt')
     gen = lambda: torch.Generator().manual_seed(0)
@@ -209,8 +236,7 @@ def save_random(path):
     "A random full-size SD 1.5 pipeline written by diffusers (fp32 safetensors, ~4.3 GB) for `--load`."
     import diffusers, transformers
     unet, vae, text, tok_dir, _ = reference_models(argparse.Namespace(model=None, channels_last=False), torch.float32, 'cpu')
-    sched = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
-                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched = diffusers.DDIMScheduler(**SD15_SCHEDULER)
     dp = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=transformers.CLIPTokenizer.from_pretrained(tok_dir),
                                            scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     t0 = time.perf_counter(); dp.save_pretrained(path)

@@ -4,21 +4,26 @@
 
 # %% ../nbs/14_checkpoints.ipynb #d27189df
 from __future__ import annotations
-import os, re, json, warnings
+import re, json, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import torch
+from torch.nn.modules.module import register_module_parameter_registration_hook
+from .data import hf_offline, hub_reachable
+from .unet import UNet, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+from .clip import CLIPTextModel, CLIPTextConfig
+from .tokenizer import CLIPTokenizer
+from . import schedulers
 
 # %% auto #0
-__all__ = ['WEIGHTS_STEMS', 'LDM_SCHEDULE_BUFFERS', 'IGNORED_KEYS', 'LDM_PREFIXES', 'RESNET_RENAMES', 'UNET_RENAMES',
-           'VAE_RENAMES', 'OPEN_CLIP_RENAMES', 'SD_SCHEDULER_CONFIG', 'HUB_COMPONENTS', 'SD_TOKENIZER_REPOS',
-           'TOKENIZER_FILES', 'read_weights_file', 'load_state_dict_file', 'component_weights_files',
-           'load_component_weights', 'CheckpointError', 'check_state_dict', 'load_into', 'empty_weights',
-           'split_ldm_checkpoint', 'count_params', 'ldm_unet_key', 'unet_config_from_ldm', 'convert_ldm_unet',
-           'ldm_vae_key', 'convert_ldm_vae', 'vae_config_from_ldm', 'convert_ldm_clip', 'convert_open_clip',
-           'text_config_from_state_dict', 'ldm_prediction_type', 'scheduler_config_from_ldm', 'use_ema_weights',
-           'convert_ldm_checkpoint', 'hub_allow_patterns', 'download', 'resolve_tokenizer', 'read_original_config',
-           'load_single_file']
+__all__ = ['PIPELINE_CLASSES', 'read_weights_file', 'load_state_dict_file', 'component_weights_files', 'load_component_weights',
+           'CheckpointError', 'check_state_dict', 'load_into', 'empty_weights', 'split_ldm_checkpoint', 'count_params',
+           'ldm_unet_key', 'unet_config_from_ldm', 'convert_ldm_unet', 'ldm_vae_key', 'convert_ldm_vae',
+           'vae_config_from_ldm', 'convert_ldm_clip', 'convert_open_clip', 'text_config_from_state_dict',
+           'ldm_prediction_type', 'scheduler_config_from_ldm', 'use_ema_weights', 'convert_ldm_checkpoint',
+           'hub_allow_patterns', 'download', 'resolve_tokenizer', 'read_original_config', 'load_single_file',
+           'read_json', 'load_component', 'load_tokenizer', 'load_scheduler', 'load_pipeline_folder', 'load_pipeline']
 
 # %% ../nbs/14_checkpoints.ipynb #0b546971
 def read_weights_file(path) -> dict:
@@ -47,14 +52,14 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     return _unwrap(read_weights_file(path), path)
 
 # %% ../nbs/14_checkpoints.ipynb #4a8359c3
-WEIGHTS_STEMS = ('diffusion_pytorch_model', 'model', 'pytorch_model')  # diffusers models, transformers models, older transformers .bin
+_WEIGHTS_STEMS = ('diffusion_pytorch_model', 'model', 'pytorch_model')  # diffusers models, transformers models, older transformers .bin
 
 def _candidates(variant=None):
     "File names to try, best first: (name, is_index)."
     vs = [variant, None] if variant else [None]
     for v in vs:
         for ext in ('safetensors', 'bin'):
-            for stem in WEIGHTS_STEMS:
+            for stem in _WEIGHTS_STEMS:
                 if v: yield from [(f'{stem}.{v}.{ext}', False), (f'{stem}.{ext}.index.{v}.json', True), (f'{stem}.{v}.{ext}.index.json', True)]
                 else: yield from [(f'{stem}.{ext}', False), (f'{stem}.{ext}.index.json', True)]
 
@@ -71,8 +76,8 @@ def component_weights_files(folder, variant:str|None=None) -> list[Path]:
         if missing: raise FileNotFoundError(f"{f} lists shards missing from {folder}: {missing}")
         return [folder/s for s in shards]
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else 'the folder does not exist'
-    raise FileNotFoundError(f"no weights file in {folder} (looked for {WEIGHTS_STEMS[0]}[.{variant or 'VARIANT'}].safetensors|bin, "
-                            f"{', '.join(WEIGHTS_STEMS[1:])}[...] and sharded *.index.json); found: {present}")
+    raise FileNotFoundError(f"no weights file in {folder} (looked for {_WEIGHTS_STEMS[0]}[.{variant or 'VARIANT'}].safetensors|bin, "
+                            f"{', '.join(_WEIGHTS_STEMS[1:])}[...] and sharded *.index.json); found: {present}")
 
 def load_component_weights(folder, variant:str|None=None) -> dict[str, torch.Tensor]:
     "The state dict of a diffusers component `folder`, merging shards; `variant` (e.g. 'fp16') preferred when present."
@@ -81,13 +86,13 @@ def load_component_weights(folder, variant:str|None=None) -> dict[str, torch.Ten
     return sd
 
 # %% ../nbs/14_checkpoints.ipynb #a27b58f8
-LDM_SCHEDULE_BUFFERS = ('betas', 'alphas_cumprod', 'alphas_cumprod_prev', 'sqrt_alphas_cumprod', 'sqrt_one_minus_alphas_cumprod',
+_LDM_SCHEDULE_BUFFERS = ('betas', 'alphas_cumprod', 'alphas_cumprod_prev', 'sqrt_alphas_cumprod', 'sqrt_one_minus_alphas_cumprod',
     'log_one_minus_alphas_cumprod', 'sqrt_recip_alphas_cumprod', 'sqrt_recipm1_alphas_cumprod', 'posterior_variance',
     'posterior_log_variance_clipped', 'posterior_mean_coef1', 'posterior_mean_coef2', 'logvar', 'lvlb_weights')
 
-IGNORED_KEYS = (
+_IGNORED_KEYS = (
     r'^model_ema\.',                                   # EMA copies (and its decay, num_updates)
-    r'^(%s)$' % '|'.join(LDM_SCHEDULE_BUFFERS),        # the DDPM schedule, saved as buffers by the LDM code
+    r'^(%s)$' % '|'.join(_LDM_SCHEDULE_BUFFERS),        # the DDPM schedule, saved as buffers by the LDM code
     r'(^|\.)position_ids$',                            # a constant buffer (arange) of old transformers versions
     r'^cond_stage_model\.model\.(logit_scale|text_projection|attn_mask)$',  # OpenCLIP's contrastive head, causal mask
     r'^first_stage_model\.loss\.',                     # the VAE's training loss (LPIPS, discriminator)
@@ -123,7 +128,7 @@ def _align_prefix(expected, sd:dict) -> dict:
     if (p := common(sd)) and not any(k.startswith(p) for k in expected): return {k[len(p):]: v for k, v in sd.items()}
     return sd
 
-def load_into(module:torch.nn.Module, state_dict:dict, ignore=IGNORED_KEYS, n:int=10,
+def load_into(module:torch.nn.Module, state_dict:dict, ignore=_IGNORED_KEYS, n:int=10,
               assign:bool=False, # the module takes the checkpoint's tensors instead of copying them (see `empty_weights`)
               dtype=None, device=None): # with `assign`: cast/move each tensor as it goes in (default dtype: the module's)
     "Load `state_dict` into `module` strictly (keys matching an `ignore` regex dropped), errors naming keys; returns `module`."
@@ -139,28 +144,26 @@ def load_into(module:torch.nn.Module, state_dict:dict, ignore=IGNORED_KEYS, n:in
 @contextmanager
 def empty_weights():
     "Modules built inside get their parameters on the meta device (no memory, no random init); buffers are built as usual."
-    register = torch.nn.Module.register_parameter
-    def on_meta(self, name, param):
-        register(self, name, param)
-        if param is not None: self._parameters[name] = torch.nn.Parameter(param.to('meta'), requires_grad=param.requires_grad)
-    torch.nn.Module.register_parameter = on_meta
+    def on_meta(module, name, param):   # PyTorch's parameter-registration hook, removed on exit
+        return None if param is None else torch.nn.Parameter(param.to('meta'), requires_grad=param.requires_grad)
+    handle = register_module_parameter_registration_hook(on_meta)
     try: yield
-    finally: torch.nn.Module.register_parameter = register
+    finally: handle.remove()
 
 # %% ../nbs/14_checkpoints.ipynb #8a47a42b
-LDM_PREFIXES = {'unet': 'model.diffusion_model.', 'vae': 'first_stage_model.',
+_LDM_PREFIXES = {'unet': 'model.diffusion_model.', 'vae': 'first_stage_model.',
                 'clip': 'cond_stage_model.transformer.', 'open_clip': 'cond_stage_model.model.'}
 
-def split_ldm_checkpoint(sd:dict, ignore=IGNORED_KEYS, n:int=10) -> dict[str, dict]:
+def split_ldm_checkpoint(sd:dict, ignore=_IGNORED_KEYS, n:int=10) -> dict[str, dict]:
     "The keys of a single-file LDM checkpoint by component (prefix removed); unknown top-level keys -> `CheckpointError`."
-    parts, unknown = {c: {} for c in LDM_PREFIXES}, []
+    parts, unknown = {c: {} for c in _LDM_PREFIXES}, []
     for k, v in sd.items():
         if any(re.search(p, k) for p in ignore): continue
-        c = next((c for c, p in LDM_PREFIXES.items() if k.startswith(p)), None)
+        c = next((c for c, p in _LDM_PREFIXES.items() if k.startswith(p)), None)
         if c is None: unknown.append(k)
-        else: parts[c][k[len(LDM_PREFIXES[c]):]] = v
+        else: parts[c][k[len(_LDM_PREFIXES[c]):]] = v
     if unknown: raise CheckpointError("not a Stable Diffusion 1.x/2.x checkpoint, or keys outside its components: " + _listing('unknown keys', unknown, n))
-    if not parts['unet']: raise CheckpointError(f"no U-Net weights (no key starts with {LDM_PREFIXES['unet']!r}): not an SD 1.x/2.x checkpoint")
+    if not parts['unet']: raise CheckpointError(f"no U-Net weights (no key starts with {_LDM_PREFIXES['unet']!r}): not an SD 1.x/2.x checkpoint")
     return parts
 
 def count_params(sd:dict) -> int:
@@ -168,19 +171,19 @@ def count_params(sd:dict) -> int:
     return sum(v.numel() for v in sd.values())
 
 # %% ../nbs/14_checkpoints.ipynb #ef743b88
-RESNET_RENAMES = {'in_layers.0': 'norm1', 'in_layers.2': 'conv1', 'emb_layers.1': 'time_emb_proj',
+_RESNET_RENAMES = {'in_layers.0': 'norm1', 'in_layers.2': 'conv1', 'emb_layers.1': 'time_emb_proj',
                   'out_layers.0': 'norm2', 'out_layers.3': 'conv2', 'skip_connection': 'conv_shortcut'}
-UNET_RENAMES = {'time_embed.0.': 'time_embedding.linear_1.', 'time_embed.2.': 'time_embedding.linear_2.',
+_UNET_RENAMES = {'time_embed.0.': 'time_embedding.linear_1.', 'time_embed.2.': 'time_embedding.linear_2.',
                 'input_blocks.0.0.': 'conv_in.', 'out.0.': 'conv_norm_out.', 'out.2.': 'conv_out.'}
 
 def _resnet(rest):
     "ResBlock slot names -> diffusers' ResnetBlock2D names: 'in_layers.2.weight' -> 'conv1.weight'."
     name, _, p = rest.rpartition('.')
-    return f"{RESNET_RENAMES.get(name, name)}.{p}"
+    return f"{_RESNET_RENAMES.get(name, name)}.{p}"
 
 def ldm_unet_key(k:str, layers_per_block:int) -> str:
     "The diffusers name of an LDM U-Net key (prefix `model.diffusion_model.` removed); unknown keys pass through."
-    for a, b in UNET_RENAMES.items():
+    for a, b in _UNET_RENAMES.items():
         if k.startswith(a): return b + k[len(a):]
     if m := re.match(r'middle_block\.(\d+)\.(.*)', k):  # [ResBlock, SpatialTransformer, ResBlock]
         i, rest = int(m[1]), m[2]
@@ -238,7 +241,7 @@ def convert_ldm_unet(sd:dict) -> dict:
     return {ldm_unet_key(k, L): v for k, v in sd.items()}
 
 # %% ../nbs/14_checkpoints.ipynb #b60ae3a2
-VAE_RENAMES = [(r'\.norm_out\.', '.conv_norm_out.'), (r'\.down\.(\d+)\.block\.', r'.down_blocks.\1.resnets.'),
+_VAE_RENAMES = [(r'\.norm_out\.', '.conv_norm_out.'), (r'\.down\.(\d+)\.block\.', r'.down_blocks.\1.resnets.'),
     (r'\.down\.(\d+)\.downsample\.', r'.down_blocks.\1.downsamplers.0.'), (r'\.mid\.block_(\d)\.', lambda m: f'.mid_block.resnets.{int(m[1])-1}.'),
     (r'\.mid\.attn_1\.', '.mid_block.attentions.0.'), (r'nin_shortcut', 'conv_shortcut'),
     (r'attentions\.0\.norm\.', 'attentions.0.group_norm.'), (r'attentions\.0\.([qkv])\.', r'attentions.0.to_\1.'),
@@ -248,7 +251,7 @@ def ldm_vae_key(k:str, n_blocks:int) -> str:
     "The diffusers name of an LDM VAE key (prefix `first_stage_model.` removed)."
     flip = lambda m: f".up_blocks.{n_blocks-1-int(m[1])}.{'resnets' if m[2] == 'block' else 'upsamplers.0'}."
     k = re.sub(r'\.up\.(\d+)\.(block|upsample)\.', flip, k)
-    for a, b in VAE_RENAMES: k = re.sub(a, b, k)
+    for a, b in _VAE_RENAMES: k = re.sub(a, b, k)
     return k
 
 def convert_ldm_vae(sd:dict) -> dict:
@@ -271,7 +274,7 @@ def vae_config_from_ldm(sd:dict, original_config:dict|None=None, image_size:int=
         latent_channels=sd['post_quant_conv.weight'].shape[0], scaling_factor=scale)
 
 # %% ../nbs/14_checkpoints.ipynb #32042bab
-OPEN_CLIP_RENAMES = [(r'^token_embedding\.', 'embeddings.token_embedding.'), (r'^positional_embedding$', 'embeddings.position_embedding.weight'),
+_OPEN_CLIP_RENAMES = [(r'^token_embedding\.', 'embeddings.token_embedding.'), (r'^positional_embedding$', 'embeddings.position_embedding.weight'),
     (r'^ln_final\.', 'final_layer_norm.'), (r'^transformer\.resblocks\.', 'encoder.layers.'), (r'\.ln_1\.', '.layer_norm1.'),
     (r'\.ln_2\.', '.layer_norm2.'), (r'\.mlp\.c_fc\.', '.mlp.fc1.'), (r'\.mlp\.c_proj\.', '.mlp.fc2.'), (r'\.attn\.', '.self_attn.')]
 
@@ -285,7 +288,7 @@ def convert_open_clip(sd:dict, drop_last:bool=True) -> dict:
     out = {}
     for k, v in sd.items():
         if drop_last and k.startswith(f'transformer.resblocks.{n-1}.'): continue  # SD 2 uses the penultimate layer
-        for a, b in OPEN_CLIP_RENAMES: k = re.sub(a, b, k)
+        for a, b in _OPEN_CLIP_RENAMES: k = re.sub(a, b, k)
         k = 'text_model.' + k
         if k.endswith(('.in_proj_weight', '.in_proj_bias')):  # (3D, ...) -> q, k, v
             base, p = k.rsplit('.in_proj_', 1)
@@ -304,7 +307,7 @@ def text_config_from_state_dict(sd:dict, open_clip:bool=False) -> dict:
         layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
 # %% ../nbs/14_checkpoints.ipynb #82069f5f
-SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
+_SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
     steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing='leading', prediction_type='epsilon')
 
 def ldm_prediction_type(sd2:bool, original_config:dict|None=None, global_step=None, prediction_type:str|None=None) -> str:
@@ -319,20 +322,20 @@ def ldm_prediction_type(sd2:bool, original_config:dict|None=None, global_step=No
 def scheduler_config_from_ldm(original_config:dict|None=None, prediction_type:str='epsilon') -> dict:
     "A diffusers DDIM scheduler config dict for an LDM checkpoint (the SD schedule unless the yaml says otherwise)."
     p = _yaml_params(original_config)
-    return {**SD_SCHEDULER_CONFIG, 'num_train_timesteps': p.get('timesteps', 1000), 'beta_start': p.get('linear_start', 0.00085),
+    return {**_SD_SCHEDULER_CONFIG, 'num_train_timesteps': p.get('timesteps', 1000), 'beta_start': p.get('linear_start', 0.00085),
             'beta_end': p.get('linear_end', 0.012), 'prediction_type': prediction_type}
 
 # %% ../nbs/14_checkpoints.ipynb #ab53ee10
 def use_ema_weights(sd:dict) -> dict:
     "`sd` with the U-Net weights replaced by their EMA copies (`model_ema.diffusion_modelinput_blocks00weight`: dots removed)."
-    P = LDM_PREFIXES['unet']
+    P = _LDM_PREFIXES['unet']
     ema = {k: 'model_ema.' + ''.join(k.split('.')[1:]) for k in sd if k.startswith(P)}
     missing = [e for e in ema.values() if e not in sd]
     if missing: raise CheckpointError("extract_ema: the checkpoint lacks EMA weights: " + _listing('missing keys', missing, 10))
     return {**sd, **{k: sd[e] for k, e in ema.items()}}
 
 def convert_ldm_checkpoint(sd:dict, prediction_type:str|None=None, original_config:dict|None=None, overrides:dict|None=None,
-                           global_step=None, extract_ema:bool=False, ignore=IGNORED_KEYS) -> dict:
+                           global_step=None, extract_ema:bool=False, ignore=_IGNORED_KEYS) -> dict:
     "Split and rename a single-file SD 1.x/2.x checkpoint: {'unet','vae','text_encoder'} state dicts + `*_config` dicts."
     if extract_ema: sd = use_ema_weights(sd)
     parts = split_ldm_checkpoint(sd, ignore)
@@ -357,12 +360,12 @@ def convert_ldm_checkpoint(sd:dict, prediction_type:str|None=None, original_conf
     return out
 
 # %% ../nbs/14_checkpoints.ipynb #d6d6a4e9
-HUB_COMPONENTS = ('unet', 'vae', 'text_encoder')
+_HUB_COMPONENTS = ('unet', 'vae', 'text_encoder')
 
 def hub_allow_patterns(files:list[str], variant:str|None=None) -> list[str]:
     "`snapshot_download` patterns for the files of a repo listing that we read: configs, tokenizer, scheduler, best weights."
-    pats = ['model_index.json', 'tokenizer/*', 'scheduler/*'] + [f'{c}/config.json' for c in HUB_COMPONENTS]
-    for c in HUB_COMPONENTS:
+    pats = ['model_index.json', 'tokenizer/*', 'scheduler/*'] + [f'{c}/config.json' for c in _HUB_COMPONENTS]
+    for c in _HUB_COMPONENTS:
         names = {f[len(c)+1:] for f in files if f.startswith(c + '/')}
         best = next(((n, idx) for n, idx in _candidates(variant) if n in names), None)
         if best is None: continue
@@ -374,31 +377,27 @@ def hub_allow_patterns(files:list[str], variant:str|None=None) -> list[str]:
             pats.append(f'{c}/{stem}-*-of-*.{v}.{ext}' if v else f'{c}/{stem}-*-of-*.{ext}')
     return pats
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-    return os.environ.get('HF_HUB_OFFLINE', '').upper() in ('1', 'ON', 'YES', 'TRUE') or bool(constants.HF_HUB_OFFLINE)
-
 def _complete(folder:Path, variant=None) -> bool:
     "Does a snapshot folder hold a pipeline we can read?"
     if not (folder/'model_index.json').is_file(): return False
     try:
-        for c in HUB_COMPONENTS: component_weights_files(folder/c, variant)
+        for c in _HUB_COMPONENTS: component_weights_files(folder/c, variant)
     except FileNotFoundError: return False
     return True
 
 def download(repo_id:str, variant:str|None=None, revision:str|None=None, cache_dir=None) -> Path:
     "A local folder with the parts of hub pipeline `repo_id` that minisd reads (cache first; clear error offline)."
     from huggingface_hub import snapshot_download, HfApi
-    local = ['model_index.json', '*/config.json', 'tokenizer/*', 'scheduler/*'] + [f'{c}/*' for c in HUB_COMPONENTS]
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    local = ['model_index.json', '*/config.json', 'tokenizer/*', 'scheduler/*'] + [f'{c}/*' for c in _HUB_COMPONENTS]
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=local, cache_dir=cache_dir, local_files_only=True))
         if _complete(folder, variant): return folder
-    except Exception: pass  # not (fully) in the cache
-    if _offline():
+    except LocalEntryNotFoundError: pass  # not in the cache: download below
+    if hf_offline():
         from huggingface_hub import constants
         raise RuntimeError(f"cannot download {repo_id}: HF_HUB_OFFLINE is set and it is not (completely) in the cache at "
                            f"{cache_dir or constants.HF_HUB_CACHE}; pass a local folder or single file instead")
-    from minisd.data import hub_reachable
     if not hub_reachable():  # fail in ~1 s instead of the hub client's retries
         raise RuntimeError(f"{repo_id!r} is not a local file or folder, and cannot be downloaded: huggingface.co is not "
                            "reachable (no network?) and it is not in the cache; pass a local folder or single file instead")
@@ -411,24 +410,32 @@ def download(repo_id:str, variant:str|None=None, revision:str|None=None, cache_d
                            "No network, a wrong repo id, or a gated repo (log in with `hf auth login`)? "
                            "You can also pass a local folder or single file.") from e
     if not _complete(folder, variant): raise RuntimeError(f"{repo_id} is not a Stable Diffusion pipeline repo minisd can read "
-                                                          f"(needs model_index.json and weights for {', '.join(HUB_COMPONENTS)})")
+                                                          f"(needs model_index.json and weights for {', '.join(_HUB_COMPONENTS)})")
     return folder
 
 # %% ../nbs/14_checkpoints.ipynb #b76e8578
-SD_TOKENIZER_REPOS = {False: ('openai/clip-vit-large-patch14', None), True: ('stabilityai/stable-diffusion-2-1', 'tokenizer')}
-TOKENIZER_FILES = ('vocab.json', 'merges.txt', 'special_tokens_map.json', 'tokenizer_config.json')
+_COMPONENT_BUILDERS = {'unet': lambda d: UNet(UNetConfig.from_dict(d)), 'vae': lambda d: AutoencoderKL(VAEConfig.from_dict(d)),
+                       'text_encoder': lambda d: CLIPTextModel(CLIPTextConfig.from_dict(d))}
+
+def _build(component:str, config:dict, state_dict:dict, dtype=None, device=None) -> torch.nn.Module:
+    "`component` built from its config dict without memory or random init, then given the checkpoint's tensors, in eval mode."
+    with empty_weights(): model = _COMPONENT_BUILDERS[component](config)
+    return load_into(model, state_dict, assign=True, dtype=dtype, device=device).to(device=device, dtype=dtype).eval()
+
+_SD_TOKENIZER_REPOS = {False: ('openai/clip-vit-large-patch14', None), True: ('stabilityai/stable-diffusion-2-1', 'tokenizer')}
+_TOKENIZER_FILES = ('vocab.json', 'merges.txt', 'special_tokens_map.json', 'tokenizer_config.json')
 
 def _hub_tokenizer_folder(sd2:bool) -> Path:
     "A local folder with the SD 1 or SD 2 tokenizer files: from the hub cache, else downloaded (unless offline)."
     from huggingface_hub import hf_hub_download
-    repo, sub = SD_TOKENIZER_REPOS[sd2]
+    repo, sub = _SD_TOKENIZER_REPOS[sd2]
     def get(fn, local):
         try: return Path(hf_hub_download(repo, fn, subfolder=sub, local_files_only=local))
         except Exception as e: return e
-    got = {fn: get(fn, True) for fn in TOKENIZER_FILES}
-    if not all(isinstance(got[f], Path) for f in TOKENIZER_FILES[:2]) and not _offline():
-        got = {fn: get(fn, False) for fn in TOKENIZER_FILES}
-    if not all(isinstance(got[f], Path) for f in TOKENIZER_FILES[:2]):
+    got = {fn: get(fn, True) for fn in _TOKENIZER_FILES}
+    if not all(isinstance(got[f], Path) for f in _TOKENIZER_FILES[:2]) and not hf_offline():
+        got = {fn: get(fn, False) for fn in _TOKENIZER_FILES}
+    if not all(isinstance(got[f], Path) for f in _TOKENIZER_FILES[:2]):
         err = next(v for v in got.values() if not isinstance(v, Path))
         raise RuntimeError(f"this checkpoint has no tokenizer and the SD {2 if sd2 else 1} tokenizer ({repo}"
             f"{'/' + sub if sub else ''}: vocab.json, merges.txt) is neither in the hub cache nor downloadable "
@@ -438,7 +445,6 @@ def _hub_tokenizer_folder(sd2:bool) -> Path:
 
 def resolve_tokenizer(tokenizer=None, sd2:bool=False, near=None):
     "A `CLIPTokenizer` from an instance, a folder (or pipeline folder), `near`/tokenizer, or the hub (cache first)."
-    from minisd.tokenizer import CLIPTokenizer
     if tokenizer is not None and not isinstance(tokenizer, (str, Path)): return tokenizer
     if tokenizer is None:
         cands = [Path(near)/'tokenizer'] if near is not None else []
@@ -448,7 +454,7 @@ def resolve_tokenizer(tokenizer=None, sd2:bool=False, near=None):
         if not (folder/'vocab.json').is_file() and (folder/'tokenizer'/'vocab.json').is_file(): folder = folder/'tokenizer'
         if not (folder/'vocab.json').is_file(): raise FileNotFoundError(f"no vocab.json (+ merges.txt) in {tokenizer}")
     tok = CLIPTokenizer.from_pretrained(folder)
-    if sd2 and not any((folder/f).is_file() for f in TOKENIZER_FILES[2:]):
+    if sd2 and not any((folder/f).is_file() for f in _TOKENIZER_FILES[2:]):
         tok = CLIPTokenizer.from_files(folder/'vocab.json', folder/'merges.txt', pad_token='!')  # SD 2 pads with '!'
     return tok
 
@@ -461,26 +467,78 @@ def read_original_config(original_config=None, near=None) -> dict|None:
     return original_config
 
 def load_single_file(path, prediction_type:str|None=None, config:dict|None=None, original_config=None, tokenizer=None,
-                     torch_dtype=None, device=None, scheduler=None, extract_ema:bool=False):
-    "A `StableDiffusion` pipeline from a single-file SD 1.x/2.x checkpoint (`.safetensors`/`.ckpt`); `config`: overrides per component."
-    from minisd.unet import UNet, UNetConfig
-    from minisd.vae import AutoencoderKL, VAEConfig
-    from minisd.clip import CLIPTextModel, CLIPTextConfig
-    from minisd.schedulers import DDIMScheduler
-    from minisd.pipeline import StableDiffusion
+                     torch_dtype=None, device=None, scheduler=None, extract_ema:bool=False) -> dict:
+    "The components (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`) of a single-file SD 1.x/2.x checkpoint; `config`: overrides per component."
     path = Path(path)
     raw = read_weights_file(path)
     global_step = raw.get('global_step') if isinstance(raw, dict) else None
     sd = _unwrap(raw, path)
     c = convert_ldm_checkpoint(sd, prediction_type, read_original_config(original_config, path), config, global_step, extract_ema)
     for k in ('vae', 'text_encoder'):
-        if c[k] is None: raise CheckpointError(f"{path} has no {k} weights ({LDM_PREFIXES['vae' if k == 'vae' else 'clip']}...): "
+        if c[k] is None: raise CheckpointError(f"{path} has no {k} weights ({_LDM_PREFIXES['vae' if k == 'vae' else 'clip']}...): "
                                                "a U-Net-only file is not a full Stable Diffusion checkpoint")
-    with empty_weights():   # built without memory or random init, then given the checkpoint's tensors
-        models = dict(unet=UNet(UNetConfig.from_dict(c['unet_config'])), vae=AutoencoderKL(VAEConfig.from_dict(c['vae_config'])),
-                      text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(c['text_encoder_config'])))
-    models = {k: load_into(m, c[k], assign=True, dtype=torch_dtype, device=device).to(device=device, dtype=torch_dtype)
-              for k, m in models.items()}
+    models = {k: _build(k, c[f'{k}_config'], c[k], torch_dtype, device) for k in _COMPONENT_BUILDERS}
     sd2 = c['text_encoder_config']['hidden_act'] == 'gelu'
-    scheduler = scheduler or DDIMScheduler.from_config(c['scheduler_config'])
-    return StableDiffusion(**{k: m.eval() for k, m in models.items()}, tokenizer=resolve_tokenizer(tokenizer, sd2, path.parent), scheduler=scheduler)
+    scheduler = scheduler or schedulers.DDIMScheduler.from_config(c['scheduler_config'])
+    return dict(**models, tokenizer=resolve_tokenizer(tokenizer, sd2, path.parent), scheduler=scheduler)
+
+# %% ../nbs/14_checkpoints.ipynb #32ef3700
+def read_json(path, what:str="file") -> dict:
+    "Parse the JSON file `path`, with errors that name it."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"{what} not found: {path}")
+    try: return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+
+def _component_folder(root, component:str) -> Path:
+    folder = Path(root)/component
+    if not folder.is_dir(): raise FileNotFoundError(f"component folder {component!r} not found: {folder}")
+    return folder
+
+def load_component(root, component:str, # "unet", "vae" or "text_encoder"
+                   variant:str|None=None, dtype=None, device=None) -> torch.nn.Module:
+    "Build `component` from `root/component/config.json` and load its weights strictly, in eval mode."
+    folder = _component_folder(root, component)
+    return _build(component, read_json(folder/"config.json", f"{component} config"),
+                  load_component_weights(folder, variant), dtype, device)
+
+def load_tokenizer(root) -> CLIPTokenizer:
+    "The CLIP tokenizer in `root/tokenizer` (vocab.json + merges.txt, or a transformers tokenizer.json)."
+    return CLIPTokenizer.from_pretrained(_component_folder(root, "tokenizer"))
+
+def load_scheduler(root, class_name:str|None=None):
+    "The scheduler in `root/scheduler`, of class `class_name` (else its `_class_name`); unknown samplers -> DDIM."
+    cfg = read_json(_component_folder(root, "scheduler")/"scheduler_config.json", "scheduler config")
+    class_name = class_name or cfg.get("_class_name", "DDIMScheduler")
+    cls = getattr(schedulers, class_name, None)
+    if not (isinstance(cls, type) and hasattr(cls, "step") and hasattr(cls, "from_config")):
+        warnings.warn(f"minisd has no {class_name}; using DDIMScheduler with the same noise schedule")
+        cls = schedulers.DDIMScheduler
+    return cls.from_config(cfg)
+
+# %% ../nbs/14_checkpoints.ipynb #af492692
+PIPELINE_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),   # model_index.json's
+                    "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer")}
+
+def _looks_like_hub_id(s:str) -> bool: return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", s) is not None
+
+def load_pipeline_folder(root, torch_dtype=None, device=None, variant:str|None=None) -> dict:
+    "The components (`unet`, `vae`, `text_encoder`, `tokenizer`, `scheduler`) of a diffusers pipeline folder."
+    index = read_json(Path(root)/"model_index.json", "model_index.json (is this a diffusers pipeline folder?)")
+    for name in _COMPONENT_BUILDERS:
+        lib_cls = index.get(name)
+        if not lib_cls or lib_cls[1] != PIPELINE_CLASSES[name][1]:
+            raise ValueError(f"model_index.json in {root}: {name} is {lib_cls}, minisd reads {list(PIPELINE_CLASSES[name])}")
+    models = {n: load_component(root, n, variant, torch_dtype, device) for n in _COMPONENT_BUILDERS}
+    scheduler = load_scheduler(root, (index.get("scheduler") or [None, None])[1])
+    return dict(**models, tokenizer=load_tokenizer(root), scheduler=scheduler)
+
+def load_pipeline(path, # a diffusers pipeline folder, a single checkpoint file, or a hub id "org/name"
+                  torch_dtype=None, device=None, variant:str|None=None) -> dict:
+    "The components of the pipeline at `path`: a folder, a single-file checkpoint or a hub id (downloaded, cache first)."
+    p = Path(path)
+    if p.is_file(): return load_single_file(p, torch_dtype=torch_dtype, device=device)
+    if not p.exists():
+        if not _looks_like_hub_id(str(path)): raise FileNotFoundError(f"no pipeline folder or checkpoint file at {path}")
+        p = Path(download(str(path), variant=variant))
+    return load_pipeline_folder(p, torch_dtype, device, variant)

@@ -4,14 +4,14 @@
 
 # %% ../nbs/16_cli.ipynb #067ee389
 from __future__ import annotations
-import argparse, math, sys
+import argparse, sys
 from pathlib import Path
 import torch
 from PIL import Image
-from .core import default_device, atomic_write
+from .core import default_device, atomic_write, image_grid
 
 # %% auto #0
-__all__ = ['DTYPES', 'build_parser', 'grid', 'save_image', 'CLIError', 'generate', 'train', 'main']
+__all__ = ['DTYPES', 'build_parser', 'save_image', 'CLIError', 'generate', 'train', 'main']
 
 # %% ../nbs/16_cli.ipynb #a3a426b1
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -58,14 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/16_cli.ipynb #b77d2d5f
-def grid(images:list) -> Image.Image:
-    "One PIL image holding `images` (equal sizes) in a near-square grid."
-    cols = math.ceil(math.sqrt(len(images))); rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    out = Image.new(images[0].mode, (cols * w, rows * h))
-    for i, im in enumerate(images): out.paste(im, (i % cols * w, i // cols * h))
-    return out
-
 def save_image(img:Image.Image, path) -> Path:
     "Save `img` to `path` atomically, in the format of its extension (PNG if unknown); folders are created."
     path = Path(path)
@@ -93,11 +85,12 @@ def generate(args) -> Path:
         except (OSError, ValueError) as e: raise CLIError(f"can't read --init-image {args.init_image}: {e}") from None
     device, dtype = _device_dtype(args.device, args.dtype)
     pipe = StableDiffusion.from_pretrained(args.model, torch_dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty())   # a bar in a terminal, no frames in a log file
     kw = dict(image=init, strength=args.strength) if init is not None else dict(height=args.height, width=args.width)
     ims = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                guidance_scale=args.guidance_scale, num_images_per_prompt=args.num_images,
                generator=torch.Generator(device).manual_seed(args.seed), **kw)
-    return save_image(grid(ims), args.out)
+    return save_image(image_grid(ims), args.out)
 
 def train(args) -> Path:
     "Run `minisd train-mnist`."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #25b0c22b
 from __future__ import annotations
-import os, math, random, tempfile
+import os, json, math, random, tempfile
 from pathlib import Path
 import numpy as np
 import torch
@@ -12,7 +12,7 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['default_device', 'seed_everything', 'randn_tensor', 'in_test', 'budget', 'to_pil', 'from_pil', 'show_images',
-           'image_grid', 'atomic_write']
+           'image_grid', 'atomic_write', 'save_json', 'save_weights', 'load_weights']
 
 # %% ../nbs/00_core.ipynb #76c457db
 def default_device() -> torch.device:
@@ -89,9 +89,15 @@ def show_images(ims, nrows:int|None=None, ncols:int|None=None, titles=None, figs
     plt.tight_layout()
     return fig
 
-def image_grid(images, rows:int, cols:int):
-    "Paste `rows*cols` PIL images of equal size into one PIL image, row by row."
-    if len(images) != rows * cols: raise ValueError(f"image_grid needs rows*cols={rows*cols} images, got {len(images)}")
+def image_grid(images, rows:int|None=None, cols:int|None=None):
+    "Paste PIL images of equal size into one PIL image, row by row; without `rows`/`cols`, a near-square grid."
+    n = len(images)
+    if not n: raise ValueError("image_grid needs at least one image")
+    if rows is None and cols is None: cols = math.ceil(math.sqrt(n))
+    if rows is None: rows = math.ceil(n / cols)
+    if cols is None: cols = math.ceil(n / rows)
+    if n > rows * cols or (n != rows * cols and n <= (rows - 1) * cols):
+        raise ValueError(f"image_grid needs rows*cols={rows*cols} images, got {n}")
     w, h = images[0].size
     grid = Image.new(images[0].mode, (cols * w, rows * h))
     for i, im in enumerate(images): grid.paste(im, (i % cols * w, i // cols * h))
@@ -111,3 +117,28 @@ def atomic_write(path, write_fn):
         if os.path.exists(tmp): os.remove(tmp)
         raise
     return path
+
+# %% ../nbs/00_core.ipynb #3da62d6d
+def save_json(d:dict, path) -> Path:
+    "Write `d` as indented JSON to `path`, atomically."
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=2) + "\n"))
+
+def save_weights(weights, # a module (its `state_dict()`) or a dict of tensors
+                 path, safe_serialization:bool=True, # False: a torch pickle
+                 metadata:dict|None=None) -> Path: # extra safetensors header strings
+    "Write `weights` to `path` (safetensors, or a torch pickle), atomically; tensors are moved to the CPU."
+    sd = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    sd = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    if not safe_serialization: return atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    from safetensors.torch import save_file
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={'format': 'pt', **(metadata or {})}))
+
+def load_weights(path, model:torch.nn.Module|None=None, device='cpu'):
+    "The tensors of the safetensors file `path`; loaded strictly into `model` (then returned) when given."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"no weights file at {path}")
+    from safetensors.torch import load_file
+    sd = load_file(str(path), device=str(device))
+    if model is None: return sd
+    model.load_state_dict(sd)
+    return model

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #20411499
 from __future__ import annotations
-import os, gzip, json, socket, struct, threading, warnings
+import os, gzip, socket, struct, threading, warnings
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
@@ -101,7 +101,7 @@ def hub_reachable(host:str='huggingface.co', port:int=443, timeout:float=1.5) ->
     ok = []
     def probe():
         try: socket.create_connection((host, port), timeout=timeout).close(); ok.append(True)
-        except Exception: pass  # unreachable, refused, unresolvable...
+        except OSError: pass  # unreachable, refused, unresolvable, timed out: all OSErrors
     t = threading.Thread(target=probe, daemon=True); t.start(); t.join(timeout)  # DNS ignores socket timeouts
     return bool(ok)
 

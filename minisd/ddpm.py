@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['ddpm_loss', 'ddpm_step', 'sample']
+__all__ = ['ddpm_loss', 'ddpm_step', 'sample', 'apply_guidance']
 
 # %% ../nbs/06_ddpm.ipynb #50ef6676
 def ddpm_loss(model, # `model(x_t, t, **cond) -> eps`, e.g. a `UNet`
@@ -33,14 +33,25 @@ def sample(model, # `model(x_t, t) -> eps`: a `UNet`, or a guidance wrapper
            x_T:torch.Tensor, # (B, C, H, W) starting noise, N(0, I)
            num_inference_steps:int|None=None, # call `scheduler.set_timesteps` with this first (None: keep its timesteps)
            generator:torch.Generator|None=None, # for the noise stochastic samplers add
-           callback=None, # `callback(i, t, x_t, x0_pred)` after every step
+           callback=None, # `callback(i, t, x_t, out) -> None|Tensor` after every step; a tensor replaces `out.prev_sample`
+           timesteps=None, # run only these (default: all of `scheduler.timesteps`)
+           scale_noise:bool=True, # multiply `x_T` by `scheduler.init_noise_sigma` (False: `x_T` is already noisy latents)
+           progress=None, # wraps the timesteps, e.g. a progress bar (None: no display)
            **step_kwargs) -> torch.Tensor: # e.g. `eta=` for DDIM
     "Generate samples from noise `x_T`: the reverse process, Algorithm 2 of Ho et al. 2020 (or DDIM's, per `scheduler`)."
     if num_inference_steps is not None: scheduler.set_timesteps(num_inference_steps, device=x_T.device)
-    x = x_T * scheduler.init_noise_sigma
-    for i, t in enumerate(scheduler.timesteps):
+    x = x_T * scheduler.init_noise_sigma if scale_noise else x_T
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
+    for i, t in enumerate(progress(timesteps) if progress is not None else timesteps):
         eps = model(scheduler.scale_model_input(x, t), t)
         out = scheduler.step(eps, t, x, generator=generator, **step_kwargs)
-        if callback is not None: callback(i, int(t), x, out.pred_original_sample)
-        x = out.prev_sample
+        new = callback(i, t, x, out) if callback is not None else None
+        x = out.prev_sample if new is None else new
     return x
+
+# %% ../nbs/06_ddpm.ipynb #8e62a473
+def apply_guidance(eps:torch.Tensor, # (2B, ...) predictions for the batch `[uncond, cond]`
+                   guidance_scale:float) -> torch.Tensor: # s; 1: the conditional prediction
+    "Classifier-free guidance `eps_u + s (eps_c - eps_u)` (Ho & Salimans 2022) from the `[uncond, cond]` batch: `(B, ...)`."
+    eps_u, eps_c = eps.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)

@@ -4,18 +4,15 @@
 
 # %% ../nbs/08_guidance.ipynb #f99e94db
 from __future__ import annotations
-import json, time
+import json
 from pathlib import Path
 import torch
-from torch import nn
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from .core import atomic_write
+from .core import save_json, save_weights, load_weights
 from .data import load_mnist, get_dls
 from .learner import Learner, ProgressCB
 from .unet import UNet, UNetConfig
 from .schedulers import DDPMScheduler, DDIMScheduler
-from .ddpm import ddpm_loss, sample
+from .ddpm import ddpm_loss, sample, apply_guidance
 
 # %% auto #0
 __all__ = ['CLASS_SCHEDULE', 'cfg_step', 'class_unet_config', 'train_class_unet', 'save_unet', 'load_unet',
@@ -61,18 +58,16 @@ def train_class_unet(epochs:int=40, # passes over the training digits (5,000 ste
 
 def save_unet(unet:UNet, folder) -> Path:
     "Write `unet` as a diffusers-style folder: `config.json` and `diffusion_pytorch_model.safetensors`."
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-    atomic_write(folder/'diffusion_pytorch_model.safetensors', lambda p: save_file(sd, p, metadata={'format': 'pt'}))
-    atomic_write(folder/'config.json', lambda p: Path(p).write_text(json.dumps(unet.config.to_dict(), indent=2)))
+    folder = Path(folder)
+    save_weights(unet, folder/'diffusion_pytorch_model.safetensors')
+    save_json(unet.config.to_dict(), folder/'config.json')
     return folder
 
 def load_unet(folder) -> UNet:
     "Load a U-Net written by `save_unet` (or by diffusers), in eval mode."
     folder = Path(folder)
     unet = UNet(UNetConfig.from_dict(json.loads((folder/'config.json').read_text())))
-    unet.load_state_dict(load_file(str(folder/'diffusion_pytorch_model.safetensors')))
-    return unet.eval()
+    return load_weights(folder/'diffusion_pytorch_model.safetensors', unet).eval()
 
 # %% ../nbs/08_guidance.ipynb #2ae8eaaa
 class ClassifierFreeGuidance:
@@ -87,12 +82,12 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x_t, t):
         if self.s == 1: return self.unet(x_t, t, class_labels=self.c)   # one pass is enough
-        eps_c, eps_u = self.unet(torch.cat([x_t, x_t]), t, class_labels=torch.cat([self.c, self.u])).chunk(2)
-        return eps_u + self.s * (eps_c - eps_u)
+        eps = self.unet(torch.cat([x_t, x_t]), t, class_labels=torch.cat([self.u, self.c]))   # [uncond, cond]
+        return apply_guidance(eps, self.s)
 
 def mnist_scheduler(kind:str='ddim', # 'ddim' ('trailing' timesteps) or 'ddpm'
                     **kwargs) -> DDIMScheduler|DDPMScheduler: # overrides, e.g. `clip_sample=True`
-    "A sampler for the MNIST models: the training schedule (`CLASS_SCHEDULE`), predicted `x0` not clipped (see below)."
+    "A sampler for the MNIST models: the training schedule (`CLASS_SCHEDULE`), predicted `x0` not clipped."
     if kind not in ('ddim', 'ddpm'): raise ValueError(f"unknown sampler {kind!r}: use 'ddim' or 'ddpm'")
     kw = {**CLASS_SCHEDULE, 'clip_sample': False, **({'timestep_spacing': 'trailing'} if kind == 'ddim' else {})}
     return (DDIMScheduler if kind == 'ddim' else DDPMScheduler)(**{**kw, **kwargs})
@@ -104,7 +99,7 @@ def generate(unet:UNet, # a class-conditional U-Net
              scheduler=None, # default: `mnist_scheduler()`, DDIM with 'trailing' timesteps and no clipping
              uncond_labels=None, # (N,) or one label for eps_u: a negative class (default: the null class)
              seed:int=0, # seeds x_T (and a stochastic sampler's noise)
-             eta:float=1., # DDIM only: 0 deterministic (Eq. 12 of Song et al. 2021), 1 DDPM-like fresh noise
+             eta:float=1., # DDIM: 0 deterministic (Eq. 12 of Song et al. 2021), 1 DDPM-like fresh noise; DDPM ignores it
              bs:int=250) -> torch.Tensor: # samples per batch
     "Draw digits with classifier-free guidance; returns `(N, 1, H, W)` images in [0, 1]."
     scheduler = scheduler or mnist_scheduler()
@@ -117,7 +112,7 @@ def generate(unet:UNet, # a class-conditional U-Net
     g = torch.Generator().manual_seed(seed)
     c, S = unet.config.in_channels, unet.config.sample_size
     x_T = torch.randn(len(labels), c, S, S, generator=g)
-    kw = dict(use_clipped_model_output=True, eta=eta) if isinstance(scheduler, DDIMScheduler) else {}   # see below
+    kw = dict(eta=eta, use_clipped_model_output=True)   # x0 clipped => eps recomputed from it
     out = [sample(ClassifierFreeGuidance(unet, lb, guidance_scale, None if u is None else u[i:i + bs]), scheduler,
                   x_T[i:i + bs], num_inference_steps, generator=g, **kw)
            for i, lb in zip(range(0, len(labels), bs), labels.split(bs))]

@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from .core import atomic_write
+from .core import save_weights, load_weights
 from .data import load_mnist, get_dls
 from .learner import Learner, ProgressCB, accuracy
 
@@ -83,8 +82,7 @@ CLASSIFIER_PATH = _ASSETS/'mnist_classifier.safetensors'
 
 def save_classifier(model:MnistClassifier, path=CLASSIFIER_PATH) -> Path:
     "Save the classifier's weights (safetensors), atomically."
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={'format': 'pt', 'model': 'MnistClassifier'}))
+    return save_weights(model, path, metadata={'model': 'MnistClassifier'})
 
 def mnist_classifier(pretrained:bool=True, # load minisd's shipped weights (else: untrained)
                      path=CLASSIFIER_PATH) -> MnistClassifier: # weights written by `save_classifier`
@@ -92,7 +90,7 @@ def mnist_classifier(pretrained:bool=True, # load minisd's shipped weights (else
     m = MnistClassifier()
     if pretrained:
         if not Path(path).exists(): raise FileNotFoundError(f"{path} is missing: run `save_classifier(train_mnist_classifier().model)`")
-        m.load_state_dict(load_file(str(path)))
+        load_weights(path, m)
     return m.eval()
 
 # %% ../nbs/07_metrics.ipynb #2d14ba61

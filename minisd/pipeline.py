@@ -4,66 +4,23 @@
 
 # %% ../nbs/12_pipeline.ipynb #8e3edef5
 from __future__ import annotations
-import copy, inspect, json, re, warnings
+import copy, json, warnings
 from contextlib import contextmanager
 from pathlib import Path
 import torch
 from torch import nn
 from PIL import Image
-from fastcore.basics import patch
 from fastprogress.fastprogress import progress_bar
-from .core import to_pil, from_pil, atomic_write, randn_tensor
-from .unet import UNet, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
-from .clip import CLIPTextModel, CLIPTextConfig
-from .tokenizer import CLIPTokenizer
-from . import schedulers
+from .core import to_pil, from_pil, randn_tensor, save_json, save_weights
+from .ddpm import sample, apply_guidance
+from . import checkpoints
 
 # %% auto #0
-__all__ = ['DIFFUSERS_FORMAT_VERSION', 'CLASS_NAMES', 'COMPONENT_BUILDERS', 'StableDiffusion', 'weights_name', 'save_json',
-           'save_weights', 'component_config', 'read_json', 'load_component', 'load_tokenizer', 'load_scheduler']
+__all__ = ['DIFFUSERS_FORMAT_VERSION', 'weights_name', 'component_config', 'StableDiffusion']
 
 # %% ../nbs/12_pipeline.ipynb #a55beb51
-class StableDiffusion:
-    "Stable Diffusion: tokenizer, text encoder, U-Net, scheduler and VAE, and the sampling loop that joins them."
-    def __init__(self, unet:nn.Module, # predicts the noise in latents, conditioned on text (`minisd.unet.UNet`)
-                 vae:nn.Module, # maps images to latents and back (`minisd.vae.AutoencoderKL`)
-                 text_encoder:nn.Module, # token ids -> hidden states `(B,T,D)` (`minisd.clip.CLIPTextModel`)
-                 tokenizer, # text -> token ids `(B,77)` (`minisd.tokenizer.CLIPTokenizer`)
-                 scheduler): # noise schedule and sampler (`minisd.schedulers.DDIMScheduler`, ...)
-        self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = unet, vae, text_encoder, tokenizer, scheduler
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.show_progress = True  # a fastprogress bar over the denoising steps
+DIFFUSERS_FORMAT_VERSION = "0.30.0"  # the `_diffusers_version` minisd writes: the folder format it follows
 
-    @property
-    def device(self) -> torch.device: return next(self.unet.parameters()).device
-    @property
-    def dtype(self) -> torch.dtype: return next(self.unet.parameters()).dtype
-
-    def to(self, device=None, dtype=None):
-        "Move the three models to `device` and/or cast them to `dtype` (`pipe.to(torch.float16)` works too); returns `self`."
-        if isinstance(device, torch.dtype): device, dtype = None, device
-        for m in (self.unet, self.vae, self.text_encoder): m.to(device=device, dtype=dtype)
-        return self
-
-    def __repr__(self):
-        return (f"StableDiffusion(unet={type(self.unet).__name__}, vae={type(self.vae).__name__}, "
-                f"text_encoder={type(self.text_encoder).__name__}, tokenizer={type(self.tokenizer).__name__}, "
-                f"scheduler={type(self.scheduler).__name__}, device={self.device}, dtype={self.dtype})")
-
-# %% ../nbs/12_pipeline.ipynb #c06daa17
-@patch
-def tokenize(self:StableDiffusion, prompts:list[str]) -> torch.Tensor:
-    "Token ids `(B, model_max_length)` for `prompts`, warning about the part of any prompt that is cut off."
-    n = self.tokenizer.model_max_length - 2  # room left by <|startoftext|> and <|endoftext|>
-    for p in prompts:
-        ids = self.tokenizer.encode(p, add_special_tokens=False)
-        if len(ids) > n:
-            warnings.warn(f"The following part of your input was truncated because CLIP can only handle sequences up "
-                          f"to {self.tokenizer.model_max_length} tokens: {self.tokenizer.decode(ids[n:])!r}")
-    return self.tokenizer(prompts)
-
-# %% ../nbs/12_pipeline.ipynb #5a27a5e0
 def _as_prompt_list(prompt, name="prompt") -> list[str]:
     "`prompt` (a string or a list of strings) as a non-empty list, or a clear `ValueError`."
     if isinstance(prompt, str): return [prompt]
@@ -73,71 +30,6 @@ def _as_prompt_list(prompt, name="prompt") -> list[str]:
     if not all(isinstance(p, str) for p in prompt): raise ValueError(f"`{name}` has to be a list of str, got {prompt!r}")
     return list(prompt)
 
-@patch
-def encode_prompt(self:StableDiffusion,
-                  prompt:str|list[str], # what to draw
-                  negative_prompt:str|list[str]|None=None, # what to steer away from (CFG's unconditional side); `None` -> ""
-                  num_images_per_prompt:int=1, # images generated for each prompt
-                  do_classifier_free_guidance:bool=True, # also return the unconditional embeddings
-                  clip_skip:int=0): # use the hidden states this many layers before the last
-    "Text embeddings `(B*n, 77, D)` for `prompt`, and the unconditional ones for CFG (or `None`)."
-    prompts = _as_prompt_list(prompt)
-    te_dtype = next(self.text_encoder.parameters()).dtype
-    ids = self.tokenize(prompts).to(self.device)
-    cond = self.text_encoder(ids, clip_skip=clip_skip).to(te_dtype).repeat_interleave(num_images_per_prompt, 0)
-    if not do_classifier_free_guidance: return cond, None
-    if negative_prompt is None: negative = [""] * len(prompts)
-    elif isinstance(negative_prompt, str): negative = [negative_prompt] * len(prompts)
-    else:
-        negative = _as_prompt_list(negative_prompt, "negative_prompt")
-        if len(negative) != len(prompts):
-            raise ValueError(f"`negative_prompt` has {len(negative)} prompts but `prompt` has {len(prompts)}: "
-                             "give one negative prompt per prompt (or a single string for all)")
-    uncond = self.text_encoder(self.tokenize(negative).to(self.device)).to(te_dtype)
-    return cond, uncond.repeat_interleave(num_images_per_prompt, 0)
-
-# %% ../nbs/12_pipeline.ipynb #39f98cfa
-@patch
-def prepare_latents(self:StableDiffusion, batch_size:int, height:int, width:int,
-                    generator=None, # `torch.Generator` or a list with one per image
-                    latents:torch.Tensor|None=None, # start from these instead of fresh noise
-                    dtype=None) -> torch.Tensor:
-    "Initial latents `(batch_size, c, height/f, width/f)`: `latents` or fresh noise, times `init_noise_sigma`."
-    shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-    dtype = dtype or self.dtype
-    if latents is None: latents = randn_tensor(shape, generator, self.device, dtype)
-    elif tuple(latents.shape) != shape:
-        raise ValueError(f"`latents` has the wrong shape: expected {shape} (batch, unet in_channels, "
-                         f"height/{self.vae_scale_factor}, width/{self.vae_scale_factor}), got {tuple(latents.shape)}")
-    else: latents = latents.to(self.device, dtype)
-    return latents * self.scheduler.init_noise_sigma
-
-# %% ../nbs/12_pipeline.ipynb #6ad441c4
-@patch
-def predict_noise(self:StableDiffusion, latents:torch.Tensor, # (B,c,h,w)
-                  t, # the current timestep
-                  embeds:torch.Tensor, # (2B,77,D) = [uncond, cond] with CFG, else (B,77,D)
-                  guidance_scale:float) -> torch.Tensor:
-    "The U-Net's noise prediction for `latents` at `t`, guided by CFG when `guidance_scale > 1`."
-    cfg = guidance_scale > 1
-    x = torch.cat([latents] * 2) if cfg else latents
-    x = self.scheduler.scale_model_input(x, t)
-    eps = self.unet(x, t, encoder_hidden_states=embeds)
-    if not cfg: return eps
-    eps_u, eps_c = eps.chunk(2)
-    return eps_u + guidance_scale * (eps_c - eps_u)
-
-# %% ../nbs/12_pipeline.ipynb #e7267d5e
-@patch
-def step_kwargs(self:StableDiffusion, generator=None, eta:float=0.0) -> dict:
-    "The extra arguments `scheduler.step` accepts: `eta` (DDIM) and `generator` (stochastic samplers)."
-    params = inspect.signature(self.scheduler.step).parameters
-    kw = {}
-    if "eta" in params: kw["eta"] = eta
-    if "generator" in params: kw["generator"] = generator
-    return kw
-
-# %% ../nbs/12_pipeline.ipynb #4dfc50f6
 @contextmanager
 def _eval_mode(*models):
     "Put `models` in eval mode inside the block, then restore each one's training flag."
@@ -148,281 +40,309 @@ def _eval_mode(*models):
     finally:
         for m, f in zip(models, flags): m.train(f)
 
-@patch
-def denoise(self:StableDiffusion, latents:torch.Tensor, timesteps, embeds:torch.Tensor, guidance_scale:float,
-            step_kwargs:dict|None=None, callback=None) -> torch.Tensor:
-    "Run the sampling loop over `timesteps` from `latents`; `callback(i, t, latents)` after every step."
-    it = progress_bar(timesteps, leave=False) if self.show_progress and len(timesteps) else timesteps
-    for i, t in enumerate(it):
-        eps = self.predict_noise(latents, t, embeds, guidance_scale)
-        latents = self.scheduler.step(eps, t, latents, **(step_kwargs or {})).prev_sample
-        if callback is not None: callback(i, t, latents)
-    return latents
-
-# %% ../nbs/12_pipeline.ipynb #0432e813
-@patch
-def decode_latents(self:StableDiffusion, latents:torch.Tensor) -> torch.Tensor:
-    "Images `(B,C,H,W)` in `[0,1]` (fp32) from diffusion latents; a half-precision VAE that overflows is re-run in fp32."
-    z = latents / self.vae.config.scaling_factor
-    vae_dtype = next(self.vae.parameters()).dtype
-    x = self.vae.decode(z.to(vae_dtype))
-    if vae_dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(x).all():
-        warnings.warn(f"the {vae_dtype} VAE decoder overflowed (non-finite pixels); decoding again in float32")
-        x = copy.deepcopy(self.vae).float().decode(z.float())
-    return (x.float() / 2 + 0.5).clamp(0, 1)
-
-# %% ../nbs/12_pipeline.ipynb #2ca78683
-@patch
-def get_timesteps(self:StableDiffusion, num_inference_steps:int, strength:float):
-    "The tail of `scheduler.timesteps` that img2img runs for `strength` (after `set_timesteps`), as diffusers does."
-    init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
-    t_start = max(num_inference_steps - init_timestep, 0)
-    order = getattr(self.scheduler, "order", 1)
-    if hasattr(self.scheduler, "set_begin_index"): self.scheduler.set_begin_index(t_start * order)
-    return self.scheduler.timesteps[t_start * order:]
-
-# %% ../nbs/12_pipeline.ipynb #a25663a1
-@patch
-def image_to_tensor(self:StableDiffusion, image) -> torch.Tensor:
-    "`image` (PIL image(s), or a tensor in `[0,1]`) as a checked `(B,C,H,W)` tensor in `[0,1]`."
-    c = self.vae.config.in_channels
-    if isinstance(image, Image.Image): image = [image]
-    if isinstance(image, (list, tuple)):
-        if not image: raise ValueError("`image` is an empty list")
-        image = torch.stack([from_pil(o, mode="L" if c == 1 else "RGB") if isinstance(o, Image.Image) else o for o in image])
-    if not isinstance(image, torch.Tensor):
-        raise ValueError(f"`image` has to be a PIL image, a list of them or a tensor, got {type(image).__name__}")
-    if image.ndim == 3: image = image[None]
-    if image.ndim != 4 or image.shape[1] != c:
-        raise ValueError(f"`image` has to be (B,{c},H,W) or ({c},H,W) for this {c}-channel VAE, got {tuple(image.shape)}")
-    h, w = image.shape[-2:]
-    if h % self.vae_scale_factor or w % self.vae_scale_factor:
-        raise ValueError(f"`image` height and width have to be multiples of the VAE scale factor "
-                         f"{self.vae_scale_factor}, got {h}x{w}")
-    if image.min() < -1e-3 or image.max() > 1 + 1e-3:
-        raise ValueError(f"`image` values have to be in [0,1], got [{image.min().item():.3g}, {image.max().item():.3g}]")
-    return image.float()
-
-# %% ../nbs/12_pipeline.ipynb #4866d341
-@patch
-def prepare_image_latents(self:StableDiffusion, image:torch.Tensor, # (b,C,H,W) in [0,1]
-                          timesteps, # the timesteps img2img will run (their first one is where it starts)
-                          batch_size:int, # number of images to make
-                          num_images_per_prompt:int=1, generator=None, dtype=None) -> torch.Tensor:
-    "Noisy latents `(batch_size,c,h,w)` to start img2img from: VAE-encoded `image`, noised to `timesteps[0]`."
-    dtype = dtype or self.dtype
-    x = image.to(self.device, next(self.vae.parameters()).dtype) * 2 - 1  # the VAE works in [-1,1]
-    n = x.shape[0]
-    if n not in (1, batch_size, batch_size // num_images_per_prompt):
-        raise ValueError(f"got {n} images for {batch_size} outputs: give 1 image, one per prompt or one per output")
-    if n != batch_size and n != 1: x = x.repeat_interleave(batch_size // n, 0)  # one image per prompt
-    if isinstance(generator, (list, tuple)) and len(generator) > 1:
-        if len(generator) != batch_size:
-            raise ValueError(f"got a list of {len(generator)} generators for a batch of {batch_size}: give one per image")
-        x = x.expand(batch_size, *x.shape[1:])
-        z = torch.cat([self.vae.encode(x[i:i+1]).sample(generator[i]) for i in range(batch_size)])
-    else:
-        gen = generator[0] if isinstance(generator, (list, tuple)) else generator
-        z = self.vae.encode(x).sample(gen)
-        z = z.expand(batch_size, *z.shape[1:])
-    z = (z * self.vae.config.scaling_factor).to(dtype)
-    if len(timesteps) == 0: return z  # strength 0: nothing to undo
-    noise = randn_tensor(tuple(z.shape), generator, self.device, dtype)
-    return self.scheduler.add_noise(z, noise, timesteps[:1].repeat(batch_size))
-
-# %% ../nbs/12_pipeline.ipynb #9f2033f1
-@patch
-def check_inputs(self:StableDiffusion, height:int, width:int, num_inference_steps:int, strength:float,
-                 num_images_per_prompt:int, output_type:str):
-    "Raise a clear `ValueError` for sizes, step counts, strengths and output types `__call__` can't use."
-    f = self.vae_scale_factor
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v <= 0 or v % f:
-            raise ValueError(f"`{name}` has to be a positive multiple of the VAE scale factor {f}, got {v!r}")
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` has to be an integer >= 1, got {num_inference_steps!r}")
-    if not 0 <= strength <= 1: raise ValueError(f"`strength` has to be in [0, 1], got {strength!r}")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"`num_images_per_prompt` has to be an integer >= 1, got {num_images_per_prompt!r}")
-    if output_type not in ("pil", "pt", "np", "latent"):
-        raise ValueError(f"`output_type` has to be 'pil', 'pt', 'np' or 'latent', got {output_type!r}")
-
-@patch
-def postprocess(self:StableDiffusion, images:torch.Tensor, output_type:str="pil"):
-    "Images `(B,C,H,W)` in `[0,1]` as PIL images (`L` or `RGB`), a float32 tensor (`pt`) or an `(B,H,W,C)` array (`np`)."
-    images = images.float()
-    if output_type == "pt": return images
-    if output_type == "np": return images.cpu().permute(0, 2, 3, 1).numpy()
-    return to_pil(images)
-
-# %% ../nbs/12_pipeline.ipynb #f677dcdd
-@patch
-def __call__(self:StableDiffusion,
-             prompt:str|list[str], # what to draw: one prompt or a list
-             negative_prompt:str|list[str]|None=None, # what to avoid: one for all, or one per prompt
-             num_inference_steps:int=50, # sampler steps (img2img runs `strength` of them)
-             guidance_scale:float=7.5, # CFG scale s; <= 1 turns guidance off (a single U-Net pass per step)
-             height:int|None=None, # image height; default unet sample_size * vae_scale_factor
-             width:int|None=None, # image width; same default
-             generator:torch.Generator|list[torch.Generator]|None=None, # seed(s): one, or one per image
-             latents:torch.Tensor|None=None, # txt2img starting noise `(B,c,h,w)` instead of drawing it
-             image=None, # img2img: PIL image(s) or a tensor in [0,1], (B,C,H,W) or (C,H,W)
-             strength:float=0.8, # img2img: how much of the schedule to run, in [0,1]
-             num_images_per_prompt:int=1, # images per prompt
-             output_type:str="pil", # 'pil', 'pt', 'np' or 'latent'
-             eta:float=0.0, # DDIM's eta (0: deterministic)
-             clip_skip:int=0, # use the text encoder's hidden states this many layers before the last
-             callback=None): # called as callback(i, t, latents) after each step
-    "Generate images from `prompt` (txt2img), or from `image` and `prompt` (img2img)."
-    prompts = _as_prompt_list(prompt)
-    f, sample_size = self.vae_scale_factor, self.unet.config.sample_size
-    if image is not None:
-        if latents is not None: raise ValueError("give either `latents` (txt2img) or `image` (img2img), not both")
-        image = self.image_to_tensor(image)
-        ih, iw = image.shape[-2:]
-        if (height or ih) != ih or (width or iw) != iw:
-            raise ValueError(f"`height`/`width` ({height}x{width}) differ from the `image` size {ih}x{iw}: leave them out")
-        height, width = ih, iw
-    if isinstance(sample_size, (list, tuple)): sample_size = sample_size[0]
-    height, width = height or sample_size * f, width or sample_size * f
-    self.check_inputs(height, width, num_inference_steps, strength, num_images_per_prompt, output_type)
-    batch_size = len(prompts) * num_images_per_prompt
-    if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
-        raise ValueError(f"got a list of {len(generator)} generators for {batch_size} images "
-                         f"({len(prompts)} prompts x {num_images_per_prompt}): give one generator per image")
-    cfg = guidance_scale > 1
-    with torch.no_grad(), _eval_mode(self.unet, self.vae, self.text_encoder):
-        cond, uncond = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, cfg, clip_skip)
-        embeds = torch.cat([uncond, cond]) if cfg else cond
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        if image is None:
-            timesteps = self.scheduler.timesteps
-            latents = self.prepare_latents(batch_size, height, width, generator, latents, embeds.dtype)
-        else:
-            timesteps = self.get_timesteps(num_inference_steps, strength)
-            latents = self.prepare_image_latents(image, timesteps, batch_size, num_images_per_prompt, generator, embeds.dtype)
-        latents = self.denoise(latents, timesteps, embeds, guidance_scale, self.step_kwargs(generator, eta), callback)
-        if output_type == "latent": return latents
-        return self.postprocess(self.decode_latents(latents), output_type)
-
-# %% ../nbs/12_pipeline.ipynb #38d893a2
-DIFFUSERS_FORMAT_VERSION = "0.30.0"  # the `_diffusers_version` minisd writes: the folder format it follows
-CLASS_NAMES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-               "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer")}
-
 def weights_name(component:str, variant:str|None=None, safe_serialization:bool=True) -> str:
     "The weights file name diffusers/transformers use, e.g. `diffusion_pytorch_model.fp16.safetensors`, `pytorch_model.bin`."
     stem = "diffusion_pytorch_model" if component != "text_encoder" else "model" if safe_serialization else "pytorch_model"
     return ".".join([stem] + ([variant] if variant else []) + ["safetensors" if safe_serialization else "bin"])
 
-def save_json(d:dict, path):
-    "Write `d` as indented JSON to `path`, atomically."
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(d, indent=2) + "\n"))
-
-def save_weights(model:nn.Module, path, safe_serialization:bool=True):
-    "Write `model`'s state dict to `path` (safetensors, or a torch pickle), atomically."
-    from safetensors.torch import save_file
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if safe_serialization: return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
-    return atomic_write(path, lambda tmp: torch.save(sd, tmp))
-
-# %% ../nbs/12_pipeline.ipynb #b3104373
 def component_config(component:str, model:nn.Module) -> dict:
     "`model.config.to_dict()` with the class fields diffusers/transformers need to read it back."
     d = dict(model.config.to_dict())
     if component == "text_encoder":
         d.setdefault("architectures", ["CLIPTextModel"]); d.setdefault("model_type", "clip_text_model")
         return d
-    return {"_class_name": CLASS_NAMES[component][1], "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **d}
+    return {"_class_name": checkpoints.PIPELINE_CLASSES[component][1], "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **d}
 
-@patch
-def save_pretrained(self:StableDiffusion, save_directory, # the folder to write (created if needed)
-                    variant:str|None=None, # e.g. "fp16": weights go to `*.fp16.safetensors`
-                    safe_serialization:bool=True): # False: torch pickles (`*.bin`)
-    "Save the pipeline in the diffusers folder layout, readable by `from_pretrained` here and in diffusers."
-    root = Path(save_directory); root.mkdir(parents=True, exist_ok=True)
-    for name in ("unet", "vae", "text_encoder"):
-        model = getattr(self, name)
-        save_json(component_config(name, model), root/name/"config.json")
-        save_weights(model, root/name/weights_name(name, variant, safe_serialization), safe_serialization)
-    self.tokenizer.save_pretrained(root/"tokenizer")
-    self.scheduler.save_config(root/"scheduler")
-    p = root/"scheduler"/"scheduler_config.json"
-    sc = json.loads(p.read_text())
-    if "_class_name" not in sc: save_json({"_class_name": type(self.scheduler).__name__, **sc}, p)
-    save_json({"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-               **{k: list(v) for k, v in CLASS_NAMES.items()},
-               "scheduler": ["diffusers", type(self.scheduler).__name__],
-               "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False},
-              root/"model_index.json")
-    return root
+# %% ../nbs/12_pipeline.ipynb #c09cbab1
+class StableDiffusion:
+    "Stable Diffusion: tokenizer, text encoder, U-Net, scheduler and VAE, and the sampling loop that joins them."
+    _callback_tensor_inputs = ["latents"]  # what `callback_on_step_end` may read and replace
 
-# %% ../nbs/12_pipeline.ipynb #7c4b7830
-def read_json(path, what:str="file") -> dict:
-    "Parse the JSON file `path`, with errors that name it."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{what} not found: {path}")
-    try: return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+    def __init__(self, unet:nn.Module, # predicts the noise in latents, conditioned on text (`minisd.unet.UNet`)
+                 vae:nn.Module, # maps images to latents and back (`minisd.vae.AutoencoderKL`)
+                 text_encoder:nn.Module, # token ids -> hidden states `(B,T,D)` (`minisd.clip.CLIPTextModel`)
+                 tokenizer, # text -> token ids `(B,77)` (`minisd.tokenizer.CLIPTokenizer`)
+                 scheduler): # noise schedule and sampler (`minisd.schedulers.DDIMScheduler`, ...)
+        self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = unet, vae, text_encoder, tokenizer, scheduler
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._progress_bar_config = {}
 
-COMPONENT_BUILDERS = {"unet": lambda d: UNet(UNetConfig.from_dict(d)),
-                      "vae": lambda d: AutoencoderKL(VAEConfig.from_dict(d)),
-                      "text_encoder": lambda d: CLIPTextModel(CLIPTextConfig.from_dict(d))}
+    # -- loading and saving
+    @classmethod
+    def from_pretrained(cls, path, # a diffusers pipeline folder, a single checkpoint file, or a hub id "org/name"
+                        torch_dtype:torch.dtype|None=None, # cast the models to this dtype (default: keep float32)
+                        device=None, # move the models here
+                        variant:str|None=None): # prefer e.g. `*.fp16.safetensors` weights when present
+        "Load a pipeline saved in the diffusers layout, a single-file checkpoint or a hub id (`minisd.checkpoints.load_pipeline`)."
+        return cls(**checkpoints.load_pipeline(path, torch_dtype=torch_dtype, device=device, variant=variant))
 
-def load_component(root, component:str, # "unet", "vae" or "text_encoder"
-                   variant:str|None=None, dtype=None, device=None) -> nn.Module:
-    "Build `component` from `root/component/config.json` and load its weights strictly."
-    from minisd.checkpoints import load_state_dict_file, load_into, component_weights_files, empty_weights
-    folder = Path(root)/component
-    if not folder.is_dir(): raise FileNotFoundError(f"component folder {component!r} not found: {folder}")
-    config = read_json(folder/"config.json", f"{component} config")
-    with empty_weights(): model = COMPONENT_BUILDERS[component](config)   # no memory, no random init
-    sd = {}
-    for f in component_weights_files(folder, variant): sd.update(load_state_dict_file(f))
-    load_into(model, sd, assign=True, dtype=dtype, device=device)         # the model takes the file's tensors
-    return model.to(device=device, dtype=dtype).eval()
+    @classmethod
+    def from_single_file(cls, path, **kwargs): # `checkpoints.load_single_file`'s options: `torch_dtype`, `tokenizer`, `config`, ...
+        "Load an original single-file SD 1.x/2.x checkpoint (`.safetensors`/`.ckpt`)."
+        return cls(**checkpoints.load_single_file(path, **kwargs))
 
-# %% ../nbs/12_pipeline.ipynb #492d07a2
-def load_tokenizer(root) -> CLIPTokenizer:
-    "The CLIP tokenizer in `root/tokenizer` (vocab.json + merges.txt, or a transformers tokenizer.json)."
-    folder = Path(root)/"tokenizer"
-    if not folder.is_dir(): raise FileNotFoundError(f"component folder 'tokenizer' not found: {folder}")
-    return CLIPTokenizer.from_pretrained(folder)
+    def save_pretrained(self, save_directory, # the folder to write (created if needed)
+                        variant:str|None=None, # e.g. "fp16": weights go to `*.fp16.safetensors`
+                        safe_serialization:bool=True): # False: torch pickles (`*.bin`)
+        "Save the pipeline in the diffusers folder layout, readable by `from_pretrained` here and in diffusers."
+        root = Path(save_directory); root.mkdir(parents=True, exist_ok=True)
+        for name in ("unet", "vae", "text_encoder"):
+            model = getattr(self, name)
+            save_json(component_config(name, model), root/name/"config.json")
+            save_weights(model, root/name/weights_name(name, variant, safe_serialization), safe_serialization)
+        self.tokenizer.save_pretrained(root/"tokenizer")
+        self.scheduler.save_config(root/"scheduler")
+        p = root/"scheduler"/"scheduler_config.json"
+        sc = json.loads(p.read_text())
+        if "_class_name" not in sc: save_json({"_class_name": type(self.scheduler).__name__, **sc}, p)
+        save_json({"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+                   **{k: list(v) for k, v in checkpoints.PIPELINE_CLASSES.items()},
+                   "scheduler": ["diffusers", type(self.scheduler).__name__],
+                   "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False},
+                  root/"model_index.json")
+        return root
 
-def load_scheduler(root, class_name:str|None=None):
-    "The scheduler in `root/scheduler`, of class `class_name` (else its `_class_name`); unknown samplers -> DDIM."
-    folder = Path(root)/"scheduler"
-    if not folder.is_dir(): raise FileNotFoundError(f"component folder 'scheduler' not found: {folder}")
-    cfg = read_json(folder/"scheduler_config.json", "scheduler config")
-    class_name = class_name or cfg.get("_class_name", "DDIMScheduler")
-    cls = getattr(schedulers, class_name, None)
-    if not (isinstance(cls, type) and hasattr(cls, "step") and hasattr(cls, "from_config")):
-        warnings.warn(f"minisd has no {class_name}; using DDIMScheduler with the same noise schedule")
-        cls = schedulers.DDIMScheduler
-    return cls.from_config(cfg)
+    # -- device, dtype, display
+    @property
+    def device(self) -> torch.device: return self.unet.device
+    @property
+    def dtype(self) -> torch.dtype: return self.unet.dtype
 
-# %% ../nbs/12_pipeline.ipynb #2e751f40
-def _looks_like_hub_id(s:str) -> bool: return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", s) is not None
+    def to(self, device=None, dtype=None):
+        "Move the three models to `device` and/or cast them to `dtype` (`pipe.to(torch.float16)` works too); returns `self`."
+        if isinstance(device, torch.dtype): device, dtype = None, device
+        for m in (self.unet, self.vae, self.text_encoder): m.to(device=device, dtype=dtype)
+        return self
 
-@patch(cls_method=True)
-def from_pretrained(cls:StableDiffusion, path, # a diffusers pipeline folder, a single checkpoint file, or a hub id "org/name"
-                    torch_dtype:torch.dtype|None=None, # cast the models to this dtype (default: keep float32)
-                    device=None, # move the models here
-                    variant:str|None=None): # prefer e.g. `*.fp16.safetensors` weights when present
-    "Load a pipeline saved in the diffusers layout (or a single-file checkpoint, or a hub id, via `minisd.checkpoints`)."
-    p = Path(path)
-    if p.is_file():
-        from minisd.checkpoints import load_single_file
-        return load_single_file(p, torch_dtype=torch_dtype, device=device)
-    if not p.exists():
-        if not _looks_like_hub_id(str(path)): raise FileNotFoundError(f"no pipeline folder or checkpoint file at {path}")
-        from minisd.checkpoints import download
-        p = Path(download(str(path), variant=variant))
-    index = read_json(p/"model_index.json", "model_index.json (is this a diffusers pipeline folder?)")
-    for name in ("unet", "vae", "text_encoder"):
-        lib_cls = index.get(name)
-        if not lib_cls or lib_cls[1] != CLASS_NAMES[name][1]:
-            raise ValueError(f"model_index.json in {p}: {name} is {lib_cls}, minisd reads {list(CLASS_NAMES[name])}")
-    models = {n: load_component(p, n, variant, torch_dtype, device) for n in ("unet", "vae", "text_encoder")}
-    scheduler = load_scheduler(p, (index.get("scheduler") or [None, None])[1])
-    return cls(tokenizer=load_tokenizer(p), scheduler=scheduler, **models)
+    def set_progress_bar_config(self, **kwargs): # e.g. `disable=True`; stored, as diffusers does
+        "Configure the progress bar over the denoising steps (`disable=True`: none)."
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, iterable):
+        "`iterable` wrapped in a fastprogress bar, unless disabled by `set_progress_bar_config` (or empty)."
+        if self._progress_bar_config.get("disable", False) or not len(iterable): return iterable
+        return progress_bar(iterable, leave=self._progress_bar_config.get("leave", False))
+
+    def __repr__(self):
+        return (f"StableDiffusion(unet={type(self.unet).__name__}, vae={type(self.vae).__name__}, "
+                f"text_encoder={type(self.text_encoder).__name__}, tokenizer={type(self.tokenizer).__name__}, "
+                f"scheduler={type(self.scheduler).__name__}, device={self.device}, dtype={self.dtype})")
+
+    # -- step 1: the prompt becomes hidden states
+    def tokenize(self, prompts:list[str]) -> torch.Tensor:
+        "Token ids `(B, model_max_length)` for `prompts`, warning about the part of any prompt that is cut off."
+        n = self.tokenizer.model_max_length - 2  # room left by <|startoftext|> and <|endoftext|>
+        for p in prompts:
+            ids = self.tokenizer.encode(p, add_special_tokens=False)
+            if len(ids) > n:
+                warnings.warn(f"The following part of your input was truncated because CLIP can only handle sequences up "
+                              f"to {self.tokenizer.model_max_length} tokens: {self.tokenizer.decode(ids[n:])!r}")
+        return self.tokenizer(prompts)
+
+    def encode_prompt(self, prompt:str|list[str], # what to draw
+                      negative_prompt:str|list[str]|None=None, # what to steer away from (CFG's unconditional side); `None` -> ""
+                      num_images_per_prompt:int=1, # images generated for each prompt
+                      do_classifier_free_guidance:bool=True, # also return the unconditional embeddings
+                      clip_skip:int=0): # use the hidden states this many layers before the last
+        "Text embeddings `(B*n, 77, D)` for `prompt`, and the unconditional ones for CFG (or `None`)."
+        prompts = _as_prompt_list(prompt)
+        te_dtype = self.text_encoder.dtype
+        ids = self.tokenize(prompts).to(self.device)
+        cond = self.text_encoder(ids, clip_skip=clip_skip).to(te_dtype).repeat_interleave(num_images_per_prompt, 0)
+        if not do_classifier_free_guidance: return cond, None
+        if negative_prompt is None: negative = [""] * len(prompts)
+        elif isinstance(negative_prompt, str): negative = [negative_prompt] * len(prompts)
+        else:
+            negative = _as_prompt_list(negative_prompt, "negative_prompt")
+            if len(negative) != len(prompts):
+                raise ValueError(f"`negative_prompt` has {len(negative)} prompts but `prompt` has {len(prompts)}: "
+                                 "give one negative prompt per prompt (or a single string for all)")
+        uncond = self.text_encoder(self.tokenize(negative).to(self.device)).to(te_dtype)
+        return cond, uncond.repeat_interleave(num_images_per_prompt, 0)
+
+    # -- step 2: the starting latents
+    def prepare_latents(self, batch_size:int, height:int, width:int,
+                        generator=None, # `torch.Generator` or a list with one per image
+                        latents:torch.Tensor|None=None, # start from these instead of fresh noise
+                        dtype=None) -> torch.Tensor:
+        "Initial latents `(batch_size, c, height/f, width/f)`: `latents` or fresh noise, times `init_noise_sigma`."
+        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        dtype = dtype or self.dtype
+        if latents is None: latents = randn_tensor(shape, generator, self.device, dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` has the wrong shape: expected {shape} (batch, unet in_channels, "
+                             f"height/{self.vae_scale_factor}, width/{self.vae_scale_factor}), got {tuple(latents.shape)}")
+        else: latents = latents.to(self.device, dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    # -- step 3: the noise prediction, with classifier-free guidance
+    def predict_noise(self, latent_model_input:torch.Tensor, # (B,c,h,w), after `scheduler.scale_model_input`
+                      t, # the current timestep
+                      embeds:torch.Tensor, # (2B,77,D) = [uncond, cond] with CFG, else (B,77,D)
+                      guidance_scale:float,
+                      cross_attention_kwargs:dict|None=None) -> torch.Tensor: # passed on to the U-Net when given
+        "The U-Net's noise prediction at `t`, guided by CFG (`apply_guidance`) when `guidance_scale > 1`."
+        cfg = guidance_scale > 1
+        x = torch.cat([latent_model_input] * 2) if cfg else latent_model_input
+        kw = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
+        eps = self.unet(x, t, encoder_hidden_states=embeds, **kw)
+        return apply_guidance(eps, guidance_scale) if cfg else eps
+
+    # -- step 4: the loop, and back to pixels
+    def denoise(self, latents:torch.Tensor, timesteps, embeds:torch.Tensor, guidance_scale:float,
+                generator=None, # for stochastic samplers' noise
+                callback=None, # the loop's `callback(i, t, x_t, out) -> None|Tensor` (`minisd.ddpm.sample`)
+                cross_attention_kwargs:dict|None=None,
+                **step_kwargs) -> torch.Tensor: # e.g. `eta=` for DDIM
+        "Run the sampling loop (`minisd.ddpm.sample`) over `timesteps` from `latents`, with a progress bar."
+        model = lambda x, t: self.predict_noise(x, t, embeds, guidance_scale, cross_attention_kwargs)
+        return sample(model, self.scheduler, latents, generator=generator, callback=callback, timesteps=timesteps,
+                      scale_noise=False, progress=self.progress_bar, **step_kwargs)
+
+    def decode_latents(self, latents:torch.Tensor) -> torch.Tensor:
+        "Images `(B,C,H,W)` in `[0,1]` (fp32) from diffusion latents; a half-precision VAE that overflows is re-run in fp32."
+        z = latents / self.vae.config.scaling_factor
+        vae_dtype = self.vae.dtype
+        x = self.vae.decode(z.to(vae_dtype))
+        if vae_dtype in (torch.float16, torch.bfloat16) and not torch.isfinite(x).all():
+            warnings.warn(f"the {vae_dtype} VAE decoder overflowed (non-finite pixels); decoding again in float32")
+            x = copy.deepcopy(self.vae).float().decode(z.float())
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    # -- img2img
+    def get_timesteps(self, num_inference_steps:int, strength:float):
+        "The tail of `scheduler.timesteps` that img2img runs for `strength` (after `set_timesteps`), as diffusers does."
+        init_timestep = min(int(num_inference_steps * strength), num_inference_steps)
+        t_start = max(num_inference_steps - init_timestep, 0)
+        order = getattr(self.scheduler, "order", 1)
+        if hasattr(self.scheduler, "set_begin_index"): self.scheduler.set_begin_index(t_start * order)
+        return self.scheduler.timesteps[t_start * order:]
+
+    def image_to_tensor(self, image) -> torch.Tensor:
+        "`image` (PIL image(s), or a tensor in `[0,1]`) as a checked `(B,C,H,W)` tensor in `[0,1]`."
+        c = self.vae.config.in_channels
+        if isinstance(image, Image.Image): image = [image]
+        if isinstance(image, (list, tuple)):
+            if not image: raise ValueError("`image` is an empty list")
+            image = torch.stack([from_pil(o, mode="L" if c == 1 else "RGB") if isinstance(o, Image.Image) else o for o in image])
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"`image` has to be a PIL image, a list of them or a tensor, got {type(image).__name__}")
+        if image.ndim == 3: image = image[None]
+        if image.ndim != 4 or image.shape[1] != c:
+            raise ValueError(f"`image` has to be (B,{c},H,W) or ({c},H,W) for this {c}-channel VAE, got {tuple(image.shape)}")
+        h, w = image.shape[-2:]
+        if h % self.vae_scale_factor or w % self.vae_scale_factor:
+            raise ValueError(f"`image` height and width have to be multiples of the VAE scale factor "
+                             f"{self.vae_scale_factor}, got {h}x{w}")
+        if image.min() < -1e-3 or image.max() > 1 + 1e-3:
+            raise ValueError(f"`image` values have to be in [0,1], got [{image.min().item():.3g}, {image.max().item():.3g}]")
+        return image.float()
+
+    def prepare_image_latents(self, image:torch.Tensor, # (b,C,H,W) in [0,1]
+                              timesteps, # the timesteps img2img will run (their first one is where it starts)
+                              batch_size:int, # number of images to make
+                              num_images_per_prompt:int=1, generator=None, dtype=None) -> torch.Tensor:
+        "Noisy latents `(batch_size,c,h,w)` to start img2img from: VAE-encoded `image`, noised to `timesteps[0]`."
+        dtype = dtype or self.dtype
+        x = image.to(self.device, self.vae.dtype) * 2 - 1  # the VAE works in [-1,1]
+        n = x.shape[0]
+        if n not in (1, batch_size, batch_size // num_images_per_prompt):
+            raise ValueError(f"got {n} images for {batch_size} outputs: give 1 image, one per prompt or one per output")
+        if n != batch_size and n != 1: x = x.repeat_interleave(batch_size // n, 0)  # one image per prompt
+        if isinstance(generator, (list, tuple)) and len(generator) > 1:
+            if len(generator) != batch_size:
+                raise ValueError(f"got a list of {len(generator)} generators for a batch of {batch_size}: give one per image")
+            x = x.expand(batch_size, *x.shape[1:])
+            z = torch.cat([self.vae.encode(x[i:i+1]).sample(generator[i]) for i in range(batch_size)])
+        else:
+            gen = generator[0] if isinstance(generator, (list, tuple)) else generator
+            z = self.vae.encode(x).sample(gen)
+            z = z.expand(batch_size, *z.shape[1:])
+        z = (z * self.vae.config.scaling_factor).to(dtype)
+        if len(timesteps) == 0: return z  # strength 0: nothing to undo
+        noise = randn_tensor(tuple(z.shape), generator, self.device, dtype)
+        return self.scheduler.add_noise(z, noise, timesteps[:1].repeat(batch_size))
+
+    # -- putting it together
+    def check_inputs(self, height:int, width:int, num_inference_steps:int, strength:float,
+                     num_images_per_prompt:int, output_type:str, callback_on_step_end_tensor_inputs=("latents",)):
+        "Raise a clear `ValueError` for sizes, step counts, strengths, output types and callback inputs `__call__` can't use."
+        f = self.vae_scale_factor
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % f:
+                raise ValueError(f"`{name}` has to be a positive multiple of the VAE scale factor {f}, got {v!r}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` has to be an integer >= 1, got {num_inference_steps!r}")
+        if not 0 <= strength <= 1: raise ValueError(f"`strength` has to be in [0, 1], got {strength!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` has to be an integer >= 1, got {num_images_per_prompt!r}")
+        if output_type not in ("pil", "pt", "np", "latent"):
+            raise ValueError(f"`output_type` has to be 'pil', 'pt', 'np' or 'latent', got {output_type!r}")
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad: raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, got {bad}")
+
+    def postprocess(self, images:torch.Tensor, output_type:str="pil"):
+        "Images `(B,C,H,W)` in `[0,1]` as PIL images (`L` or `RGB`), a float32 tensor (`pt`) or an `(B,H,W,C)` array (`np`)."
+        images = images.float()
+        if output_type == "pt": return images
+        if output_type == "np": return images.cpu().permute(0, 2, 3, 1).numpy()
+        return to_pil(images)
+
+    def __call__(self, prompt:str|list[str], # what to draw: one prompt or a list
+                 negative_prompt:str|list[str]|None=None, # what to avoid: one for all, or one per prompt
+                 num_inference_steps:int=50, # sampler steps (img2img runs `strength` of them)
+                 guidance_scale:float=7.5, # CFG scale s; <= 1 turns guidance off (a single U-Net pass per step)
+                 height:int|None=None, # image height; default unet sample_size * vae_scale_factor
+                 width:int|None=None, # image width; same default
+                 generator:torch.Generator|list[torch.Generator]|None=None, # seed(s): one, or one per image
+                 latents:torch.Tensor|None=None, # txt2img starting noise `(B,c,h,w)` instead of drawing it
+                 image=None, # img2img: PIL image(s) or a tensor in [0,1], (B,C,H,W) or (C,H,W)
+                 strength:float=0.8, # img2img: how much of the schedule to run, in [0,1]
+                 num_images_per_prompt:int=1, # images per prompt
+                 output_type:str="pil", # 'pil', 'pt', 'np' or 'latent'
+                 eta:float=0.0, # DDIM's eta (0: deterministic); other samplers ignore it
+                 clip_skip:int=0, # use the text encoder's hidden states this many layers before the last
+                 callback=None, # called as callback(i, t, latents) after each step
+                 cross_attention_kwargs:dict|None=None, # passed to the U-Net, e.g. {"scale": s} for LoRA
+                 callback_on_step_end=None, # `f(pipe, step, timestep, callback_kwargs) -> dict` after each step (diffusers')
+                 callback_on_step_end_tensor_inputs:list[str]=("latents",)): # the tensors `callback_kwargs` holds
+        "Generate images from `prompt` (txt2img), or from `image` and `prompt` (img2img)."
+        prompts = _as_prompt_list(prompt)
+        f, sample_size = self.vae_scale_factor, self.unet.config.sample_size
+        if image is not None:
+            if latents is not None: raise ValueError("give either `latents` (txt2img) or `image` (img2img), not both")
+            image = self.image_to_tensor(image)
+            ih, iw = image.shape[-2:]
+            if (height or ih) != ih or (width or iw) != iw:
+                raise ValueError(f"`height`/`width` ({height}x{width}) differ from the `image` size {ih}x{iw}: leave them out")
+            height, width = ih, iw
+        if isinstance(sample_size, (list, tuple)): sample_size = sample_size[0]
+        height, width = height or sample_size * f, width or sample_size * f
+        self.check_inputs(height, width, num_inference_steps, strength, num_images_per_prompt, output_type,
+                          callback_on_step_end_tensor_inputs)
+        batch_size = len(prompts) * num_images_per_prompt
+        if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
+            raise ValueError(f"got a list of {len(generator)} generators for {batch_size} images "
+                             f"({len(prompts)} prompts x {num_images_per_prompt}): give one generator per image")
+        cfg = guidance_scale > 1
+        with torch.no_grad(), _eval_mode(self.unet, self.vae, self.text_encoder):
+            cond, uncond = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, cfg, clip_skip)
+            embeds = torch.cat([uncond, cond]) if cfg else cond
+            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+            if image is None:
+                timesteps = self.scheduler.timesteps
+                latents = self.prepare_latents(batch_size, height, width, generator, latents, embeds.dtype)
+            else:
+                timesteps = self.get_timesteps(num_inference_steps, strength)
+                latents = self.prepare_image_latents(image, timesteps, batch_size, num_images_per_prompt, generator, embeds.dtype)
+            def on_step(i, t, x_t, out):  # the loop's callback -> diffusers' `callback_on_step_end`, then the old `callback`
+                latents = out.prev_sample
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, t, {k: latents for k in callback_on_step_end_tensor_inputs})
+                    latents = (outputs or {}).get("latents", latents)
+                if callback is not None: callback(i, t, latents)
+                return latents
+            latents = self.denoise(latents, timesteps, embeds, guidance_scale, generator, on_step, cross_attention_kwargs,
+                                   eta=eta)
+            if output_type == "latent": return latents
+            return self.postprocess(self.decode_latents(latents), output_type)

@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
-from fastcore.basics import patch
 from .core import atomic_write, randn_tensor
 
 # %% auto #0
-__all__ = ['BETA_SCHEDULES', 'PREDICTION_TYPES', 'TIMESTEP_SPACINGS', 'VARIANCE_TYPES', 'betas_for_alpha_bar',
-           'rescale_zero_terminal_snr', 'make_betas', 'SchedulerConfig', 'dynamic_threshold', 'spaced_timesteps',
-           'NoiseScheduler', 'DDPMScheduler', 'SchedulerOutput', 'DDIMScheduler', 'karras_sigmas', 'exponential_sigmas',
-           'sigma_to_t', 'SigmaScheduler', 'EulerDiscreteScheduler', 'DPMSolverMultistepScheduler']
+__all__ = ['BETA_SCHEDULES', 'PREDICTION_TYPES', 'TIMESTEP_SPACINGS', 'SCHEDULER_PRESETS', 'VARIANCE_TYPES',
+           'betas_for_alpha_bar', 'rescale_zero_terminal_snr', 'make_betas', 'SchedulerConfig', 'dynamic_threshold',
+           'spaced_timesteps', 'SchedulerOutput', 'NoiseScheduler', 'DDPMScheduler', 'DDIMScheduler', 'karras_sigmas',
+           'exponential_sigmas', 'sigma_to_t', 'EulerDiscreteScheduler', 'DPMSolverMultistepScheduler']
 
 # %% ../nbs/05_schedulers.ipynb #c9515850
 def betas_for_alpha_bar(num_diffusion_timesteps:int, # T
@@ -98,8 +97,20 @@ def spaced_timesteps(num_inference_steps:int, # N, how many steps to sample with
     return ts.astype(np.float64).copy()
 
 # %% ../nbs/05_schedulers.ipynb #a1ac64e9
+@dataclass
+class SchedulerOutput:
+    "What `step` returns: the less noisy sample x_{t-1} and the current prediction of x0."
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor|None = None
+
+SCHEDULER_PRESETS = {  # the scheduler_config.json of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-2-1 (768-v)
+    'sd15': dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear', trained_betas=None,
+                 steps_offset=1, set_alpha_to_one=False, clip_sample=False),
+}
+SCHEDULER_PRESETS['sd21'] = {**SCHEDULER_PRESETS['sd15'], 'prediction_type': 'v_prediction'}
+
 class NoiseScheduler:
-    "Base of minisd's schedulers: the noise schedule, the forward process, prediction conversions, and diffusers-style configs."
+    "Base of minisd's schedulers: the noise schedule, diffusers-style configs, prediction conversions and the `step` signature."
     order = 1             # model evaluations per step (diffusers' name; pipelines use it for progress bars)
     init_noise_sigma = 1.0  # std of the starting noise x_T
     config_name = 'scheduler_config.json'
@@ -135,81 +146,142 @@ class NoiseScheduler:
     def __len__(self): return self.config.num_train_timesteps
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items() if k != 'trained_betas')})"
 
-# %% ../nbs/05_schedulers.ipynb #12dacc7c
-@patch(cls_method=True)
-def from_config(cls:NoiseScheduler, config, # a dict (diffusers' scheduler_config.json), or an object with `.config`
-                **kwargs): # overrides
-    "Build a scheduler from a diffusers-style config; `_private` keys and options this class does not take are ignored."
-    if hasattr(config, 'config'): config = config.config
-    names = set(inspect.signature(cls.__init__).parameters) - {'self'}
-    return cls(**{k: v for k, v in {**config, **kwargs}.items() if k in names})
+    @classmethod
+    def from_config(cls, config, # a dict (diffusers' scheduler_config.json), or an object with `.config`
+                    **kwargs): # overrides
+        "Build a scheduler from a diffusers-style config; `_private` keys and options this class does not take are ignored."
+        if hasattr(config, 'config'): config = config.config
+        names = set(inspect.signature(cls.__init__).parameters) - {'self'}
+        return cls(**{k: v for k, v in {**config, **kwargs}.items() if k in names})
 
-@patch
-def save_config(self:NoiseScheduler, save_directory): # a folder; created if missing
-    "Write `scheduler_config.json` (diffusers' format, with `_class_name`) into `save_directory`."
-    d = {'_class_name': type(self).__name__, **self.config}
-    atomic_write(Path(save_directory) / self.config_name, lambda p: Path(p).write_text(json.dumps(d, indent=2, sort_keys=True) + '\n'))
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, # a folder holding scheduler_config.json (or a pipeline folder with `subfolder`)
+                        subfolder:str|None=None, # e.g. 'scheduler' inside a pipeline folder
+                        **kwargs): # config overrides
+        "Load a scheduler saved by `save_config` or by diffusers (local folders only)."
+        p = Path(pretrained_model_name_or_path)
+        if subfolder: p = p / subfolder
+        if p.is_dir(): p = p / cls.config_name
+        return cls.from_config(json.loads(p.read_text()), **kwargs)
 
-@patch
-def save_pretrained(self:NoiseScheduler, save_directory):
-    "Same as `save_config` (diffusers' name for it)."
-    self.save_config(save_directory)
+    def save_config(self, save_directory): # a folder; created if missing
+        "Write `scheduler_config.json` (diffusers' format, with `_class_name`) into `save_directory`."
+        d = {'_class_name': type(self).__name__, **self.config}
+        atomic_write(Path(save_directory) / self.config_name, lambda p: Path(p).write_text(json.dumps(d, indent=2, sort_keys=True) + '\n'))
 
-@patch(cls_method=True)
-def from_pretrained(cls:NoiseScheduler, pretrained_model_name_or_path, # a folder holding scheduler_config.json (or a pipeline folder with `subfolder`)
-                    subfolder:str|None=None, # e.g. 'scheduler' inside a pipeline folder
-                    **kwargs): # config overrides
-    "Load a scheduler saved by `save_config` or by diffusers (local folders only)."
-    p = Path(pretrained_model_name_or_path)
-    if subfolder: p = p / subfolder
-    if p.is_dir(): p = p / cls.config_name
-    return cls.from_config(json.loads(p.read_text()), **kwargs)
+    def save_pretrained(self, save_directory):
+        "Same as `save_config` (diffusers' name for it)."
+        self.save_config(save_directory)
+
+    @classmethod
+    def sd15(cls, **kwargs):
+        "This scheduler with Stable Diffusion 1.x's noise schedule and settings (`SCHEDULER_PRESETS['sd15']`), plus `kwargs`."
+        return cls.from_config(SCHEDULER_PRESETS['sd15'], **kwargs)
+
+    @classmethod
+    def sd21(cls, **kwargs):
+        "This scheduler with Stable Diffusion 2.1 768-v's settings: SD 1.x's schedule, v-prediction."
+        return cls.from_config(SCHEDULER_PRESETS['sd21'], **kwargs)
+
+    def _alpha_sigma_t(self, timesteps, x:torch.Tensor):
+        "(alpha_t, sigma_t) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) at integer `timesteps`, shaped to broadcast against `x`."
+        ab = self.alphas_cumprod.to(x.device, x.dtype)[torch.as_tensor(timesteps, device=x.device)]
+        return _bcast(ab ** 0.5, x), _bcast((1 - ab) ** 0.5, x)
+
+    def get_velocity(self, sample:torch.Tensor, # x0 (B, ...)
+                     noise:torch.Tensor, # eps, like x0
+                     timesteps:torch.Tensor, # (B,) integer timesteps
+                    ) -> torch.Tensor: # v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0
+        "The v-prediction training target, Salimans & Ho 2022 (Sec. 4)."
+        alpha_t, sigma_t = self._alpha_sigma_t(timesteps, sample)
+        return alpha_t * noise - sigma_t * sample
+
+    def scale_model_input(self, sample:torch.Tensor, timestep=None) -> torch.Tensor:
+        "The network's input at `timestep`: `sample` unchanged (Euler overrides this)."
+        return sample
+
+    def _x0_eps(self, model_output, sample, alpha_t, sigma_t):
+        "(x0, eps) from the network's output, whatever `prediction_type` it was trained on; alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)."
+        p = self.config.prediction_type
+        if p == 'epsilon': return (sample - sigma_t * model_output) / alpha_t, model_output  # Eq. 15 of Ho et al. 2020
+        if p == 'sample':  return model_output, (sample - alpha_t * model_output) / sigma_t
+        return alpha_t * sample - sigma_t * model_output, alpha_t * model_output + sigma_t * sample  # v, Salimans & Ho 2022
+
+    def _clip_x0(self, x0):
+        "Dynamic thresholding or plain clipping of the predicted x0, as configured (pixel models live in [-1, 1])."
+        c = self.config
+        if c.get('thresholding'): return dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        if c.get('clip_sample'): return x0.clamp(-c.clip_sample_range, c.clip_sample_range)
+        return x0
+
+    def _noise(self, like:torch.Tensor, generator=None, variance_noise=None, dtype=None) -> torch.Tensor:
+        "The noise a stochastic step adds, shaped like `like`: `variance_noise` if given, else drawn from `generator`."
+        if variance_noise is not None and generator is not None: raise ValueError("pass either generator or variance_noise, not both")
+        dtype = dtype or like.dtype
+        if variance_noise is not None: return variance_noise.to(like.device, dtype)
+        return randn_tensor(like.shape, generator, like.device, dtype)
+
+    def step(self, model_output:torch.Tensor, # the network's output at (sample, timestep)
+             timestep, # the current timestep (one of `timesteps`)
+             sample:torch.Tensor, # the current noisy sample (B, C, ...)
+             generator:torch.Generator|None=None, # for the noise a stochastic step adds
+             eta:float=0.0, # DDIM: 0 deterministic, 1 DDPM's variance (the others ignore it)
+             use_clipped_model_output:bool=False, # DDIM: recompute eps from the clipped x0 (the others ignore it)
+             return_dict:bool=True, # False: a tuple (prev_sample, pred_original_sample)
+             *, variance_noise:torch.Tensor|None=None, # or: the noise itself, instead of a `generator`
+            ) -> SchedulerOutput:
+        "One sampling step from `sample` at `timestep` to the next noise level; every scheduler takes these keywords."
+        raise NotImplementedError(f"{type(self).__name__} does not implement step")
 
 # %% ../nbs/05_schedulers.ipynb #842ed7b0
-@patch
-def add_noise(self:NoiseScheduler, original_samples:torch.Tensor, # x0 (B, ...)
-              noise:torch.Tensor, # eps, like x0
-              timesteps:torch.Tensor, # (B,) integer timesteps, or one
-             ) -> torch.Tensor: # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
-    "Noise `original_samples` to `timesteps` in one jump: q(x_t | x0), Eq. 4 of Ho et al. 2020."
-    x0 = original_samples
-    ab = self.alphas_cumprod.to(x0.device, x0.dtype)[torch.as_tensor(timesteps, device=x0.device)]
-    return _bcast(ab ** 0.5, x0) * x0 + _bcast((1 - ab) ** 0.5, x0) * noise
+class _AlphaBarScheduler(NoiseScheduler):
+    "DDPM and DDIM: step from timestep t to a previous timestep, reading alpha_bar off the schedule."
+    def _init_schedule(self, args:dict):
+        super()._init_schedule(args)
+        # alpha_bar "at t = -1", where the last step lands: 1 (x_{-1} is the clean sample), or alpha_bar_0 (DDIM's set_alpha_to_one=False)
+        self.final_alpha_cumprod = torch.tensor(1.0) if self.config.get('set_alpha_to_one', True) else self.alphas_cumprod[0]
 
-@patch
-def get_velocity(self:NoiseScheduler, sample:torch.Tensor, # x0 (B, ...)
-                 noise:torch.Tensor, # eps, like x0
-                 timesteps:torch.Tensor, # (B,) integer timesteps
-                ) -> torch.Tensor: # v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0
-    "The v-prediction training target, Salimans & Ho 2022 (Sec. 4)."
-    ab = self.alphas_cumprod.to(sample.device, sample.dtype)[torch.as_tensor(timesteps, device=sample.device)]
-    return _bcast(ab ** 0.5, sample) * noise - _bcast((1 - ab) ** 0.5, sample) * sample
+    def set_timesteps(self, num_inference_steps:int, # N
+                      device=None): # where `timesteps` should live
+        "Choose the N timesteps to sample with, spaced by `config.timestep_spacing`."
+        c = self.config
+        if num_inference_steps > c.num_train_timesteps:
+            raise ValueError(f"num_inference_steps={num_inference_steps} cannot exceed num_train_timesteps={c.num_train_timesteps}")
+        self.num_inference_steps = num_inference_steps
+        ts = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset)
+        self.timesteps = torch.from_numpy(ts.round().astype(np.int64)).to(device)  # LongTensor (N,)
 
-@patch
-def scale_model_input(self:NoiseScheduler, sample:torch.Tensor, timestep=None) -> torch.Tensor:
-    "The network's input at `timestep`: `sample` unchanged for DDPM-style schedulers (Euler overrides this)."
-    return sample
+    def previous_timestep(self, timestep:int) -> int:
+        "The timestep visited after `timestep`: the next one in `timesteps` (-1 after the last), or t-1 before `set_timesteps`."
+        t = int(timestep)
+        if self.num_inference_steps is None: return t - 1
+        ts = self.timesteps.tolist()
+        i = ts.index(t)
+        return ts[i + 1] if i + 1 < len(ts) else -1
 
-@patch
-def _x0_eps(self:NoiseScheduler, model_output, sample, alpha_t, sigma_t):
-    "(x0, eps) from the network's output, whatever `prediction_type` it was trained on; alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)."
-    p = self.config.prediction_type
-    if p == 'epsilon': return (sample - sigma_t * model_output) / alpha_t, model_output  # Eq. 15 of Ho et al. 2020
-    if p == 'sample':  return model_output, (sample - alpha_t * model_output) / sigma_t
-    return alpha_t * sample - sigma_t * model_output, alpha_t * model_output + sigma_t * sample  # v, Salimans & Ho 2022
+    def _alpha_prod(self, t:int) -> torch.Tensor:
+        "alpha_bar_t, with alpha_bar_{-1} = `final_alpha_cumprod`."
+        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
-@patch
-def _clip_x0(self:NoiseScheduler, x0):
-    "Dynamic thresholding or plain clipping of the predicted x0, as configured (pixel models live in [-1, 1])."
-    c = self.config
-    if c.get('thresholding'): return dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
-    if c.get('clip_sample'): return x0.clamp(-c.clip_sample_range, c.clip_sample_range)
-    return x0
+    def add_noise(self, original_samples:torch.Tensor, # x0 (B, ...)
+                  noise:torch.Tensor, # eps, like x0
+                  timesteps:torch.Tensor, # (B,) integer timesteps, or one
+                 ) -> torch.Tensor: # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
+        "Noise `original_samples` to `timesteps` in one jump: q(x_t | x0), Eq. 4 of Ho et al. 2020."
+        alpha_t, sigma_t = self._alpha_sigma_t(timesteps, original_samples)
+        return alpha_t * original_samples + sigma_t * noise
+
+    def _predict(self, model_output, timestep, sample):
+        "(alpha_bar_t, alpha_bar_prev, x0, eps) for a step from `timestep` to `previous_timestep`: x0 clipped as configured."
+        t = int(timestep)
+        alpha_prod_t, alpha_prod_t_prev = self._alpha_prod(t), self._alpha_prod(self.previous_timestep(t))
+        x0, eps = self._x0_eps(model_output, sample, alpha_prod_t ** 0.5, (1 - alpha_prod_t) ** 0.5)
+        return alpha_prod_t, alpha_prod_t_prev, self._clip_x0(x0), eps
 
 # %% ../nbs/05_schedulers.ipynb #f3b82db7
 VARIANCE_TYPES = ('fixed_small', 'fixed_small_log', 'fixed_large', 'fixed_large_log', 'learned', 'learned_range')
 
-class DDPMScheduler(NoiseScheduler):
+class DDPMScheduler(_AlphaBarScheduler):
     "Denoising diffusion probabilistic models: ancestral sampling, Algorithm 2 of Ho et al. 2020."
     def __init__(self,
                  num_train_timesteps:int=1000, # T, the number of noise levels the model was trained on
@@ -230,101 +302,55 @@ class DDPMScheduler(NoiseScheduler):
                 ):
         self._init_schedule(locals())
         self._check('variance_type', VARIANCE_TYPES)
-        self.final_alpha_cumprod = torch.tensor(1.0)  # alpha_bar "at t = -1": x_{-1} is the clean sample
         self.custom_timesteps = False
 
-# %% ../nbs/05_schedulers.ipynb #43adc3ec
-@patch
-def set_timesteps(self:NoiseScheduler, num_inference_steps:int, # N
-                  device=None): # where `timesteps` should live
-    "Choose the N timesteps to sample with, spaced by `config.timestep_spacing`."
-    c = self.config
-    if num_inference_steps > c.num_train_timesteps:
-        raise ValueError(f"num_inference_steps={num_inference_steps} cannot exceed num_train_timesteps={c.num_train_timesteps}")
-    self.num_inference_steps = num_inference_steps
-    ts = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset)
-    self.timesteps = torch.from_numpy(ts.round().astype(np.int64)).to(device)  # LongTensor (N,)
+    def set_timesteps(self, num_inference_steps:int|None=None, # N
+                      device=None, # where `timesteps` should live
+                      timesteps:list[int]|None=None): # or: an explicit descending list of timesteps
+        "Choose the timesteps to sample with: N spaced ones, or an explicit descending list."
+        if (num_inference_steps is None) == (timesteps is None): raise ValueError("pass exactly one of num_inference_steps or timesteps")
+        self.custom_timesteps = timesteps is not None
+        if timesteps is None: return super().set_timesteps(num_inference_steps, device)
+        ts = np.asarray(timesteps, dtype=np.int64)
+        if (np.diff(ts) >= 0).any(): raise ValueError("custom timesteps must be in descending order")
+        if ts[0] >= self.config.num_train_timesteps: raise ValueError(f"timesteps must be below num_train_timesteps={self.config.num_train_timesteps}")
+        self.num_inference_steps = len(ts)
+        self.timesteps = torch.from_numpy(ts).to(device)
 
-@patch
-def set_timesteps(self:DDPMScheduler, num_inference_steps:int|None=None, # N
-                  device=None, # where `timesteps` should live
-                  timesteps:list[int]|None=None): # or: an explicit descending list of timesteps
-    "Choose the timesteps to sample with: N spaced ones, or an explicit descending list."
-    if (num_inference_steps is None) == (timesteps is None): raise ValueError("pass exactly one of num_inference_steps or timesteps")
-    self.custom_timesteps = timesteps is not None
-    if timesteps is None: return NoiseScheduler.set_timesteps(self, num_inference_steps, device)
-    ts = np.asarray(timesteps, dtype=np.int64)
-    if (np.diff(ts) >= 0).any(): raise ValueError("custom timesteps must be in descending order")
-    if ts[0] >= self.config.num_train_timesteps: raise ValueError(f"timesteps must be below num_train_timesteps={self.config.num_train_timesteps}")
-    self.num_inference_steps = len(ts)
-    self.timesteps = torch.from_numpy(ts).to(device)
+    def _step_std(self, alpha_prod_t, alpha_prod_t_prev, predicted_variance=None):
+        "The std of x_{t-1} given x_t: sqrt(beta_tilde) ('fixed_small'), sqrt(beta) ('fixed_large'), or learned."
+        current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
+        beta_tilde = ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t).clamp(min=1e-20)  # Eq. 7 of Ho et al. 2020
+        vt = self.config.variance_type
+        if vt in ('learned', 'learned_range') and predicted_variance is None:
+            raise ValueError(f"variance_type={vt!r} needs a model output with twice the sample's channels")
+        if vt == 'fixed_small': return beta_tilde ** 0.5
+        if vt == 'fixed_small_log': return torch.exp(0.5 * torch.log(beta_tilde))
+        if vt == 'fixed_large': return current_beta_t ** 0.5
+        if vt == 'fixed_large_log': return torch.exp(0.5 * torch.log(current_beta_t))
+        if vt == 'learned': return predicted_variance ** 0.5  # the model predicts the variance itself
+        frac = (predicted_variance + 1) / 2  # learned_range: Eq. 15 of Nichol & Dhariwal 2021, v in [-1, 1]
+        return torch.exp(0.5 * (frac * torch.log(current_beta_t) + (1 - frac) * torch.log(beta_tilde)))
 
-@patch
-def previous_timestep(self:NoiseScheduler, timestep:int) -> int:
-    "The timestep visited after `timestep`: the next one in `timesteps` (-1 after the last), or t-1 before `set_timesteps`."
-    t = int(timestep)
-    if self.num_inference_steps is None: return t - 1
-    ts = self.timesteps.tolist()
-    i = ts.index(t)
-    return ts[i + 1] if i + 1 < len(ts) else -1
-
-@patch
-def _alpha_prod(self:NoiseScheduler, t:int) -> torch.Tensor:
-    "alpha_bar_t, with alpha_bar_{-1} = `final_alpha_cumprod`."
-    return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
-
-# %% ../nbs/05_schedulers.ipynb #2f596505
-@patch
-def _step_std(self:DDPMScheduler, alpha_prod_t, alpha_prod_t_prev, predicted_variance=None):
-    "The std of x_{t-1} given x_t: sqrt(beta_tilde) ('fixed_small'), sqrt(beta) ('fixed_large'), or learned."
-    current_beta_t = 1 - alpha_prod_t / alpha_prod_t_prev
-    beta_tilde = ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t).clamp(min=1e-20)  # Eq. 7 of Ho et al. 2020
-    vt = self.config.variance_type
-    if vt in ('learned', 'learned_range') and predicted_variance is None:
-        raise ValueError(f"variance_type={vt!r} needs a model output with twice the sample's channels")
-    if vt == 'fixed_small': return beta_tilde ** 0.5
-    if vt == 'fixed_small_log': return torch.exp(0.5 * torch.log(beta_tilde))
-    if vt == 'fixed_large': return current_beta_t ** 0.5
-    if vt == 'fixed_large_log': return torch.exp(0.5 * torch.log(current_beta_t))
-    if vt == 'learned': return predicted_variance ** 0.5  # the model predicts the variance itself
-    frac = (predicted_variance + 1) / 2  # learned_range: Eq. 15 of Nichol & Dhariwal 2021, v in [-1, 1]
-    return torch.exp(0.5 * (frac * torch.log(current_beta_t) + (1 - frac) * torch.log(beta_tilde)))
-
-# %% ../nbs/05_schedulers.ipynb #e5a27d9a
-@dataclass
-class SchedulerOutput:
-    "What `step` returns: the less noisy sample x_{t-1} and the current prediction of x0."
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor|None = None
-
-@patch
-def step(self:DDPMScheduler, model_output:torch.Tensor, # the network's output at (sample, timestep); 2C channels for learned variances
-         timestep:int, # the current t (one of `timesteps`)
-         sample:torch.Tensor, # x_t (B, C, ...)
-         generator:torch.Generator|None=None, # for the added noise
-         variance_noise:torch.Tensor|None=None, # or: the added noise itself (like x_t)
-         return_dict:bool=True, # False: a tuple (prev_sample, pred_original_sample)
-        ) -> SchedulerOutput:
-    "x_t -> x_{t-1} by ancestral sampling: Algorithm 2 of Ho et al. 2020 with the posterior mean of Eq. 7."
-    t = int(timestep); prev_t = self.previous_timestep(t)
-    predicted_variance = None
-    if self.config.variance_type in ('learned', 'learned_range') and model_output.shape[1] == 2 * sample.shape[1]:
-        model_output, predicted_variance = model_output.split(sample.shape[1], dim=1)
-    alpha_prod_t, alpha_prod_t_prev = self._alpha_prod(t), self._alpha_prod(prev_t)
-    beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
-    current_alpha_t = alpha_prod_t / alpha_prod_t_prev  # alpha_t (= 1 - beta_t) between the two visited timesteps
-    current_beta_t = 1 - current_alpha_t
-    x0, _ = self._x0_eps(model_output, sample, alpha_prod_t ** 0.5, beta_prod_t ** 0.5)
-    x0 = self._clip_x0(x0)
-    mean = ((alpha_prod_t_prev ** 0.5 * current_beta_t) / beta_prod_t * x0             # posterior mean, Eq. 7
-            + (current_alpha_t ** 0.5 * beta_prod_t_prev / beta_prod_t) * sample)
-    if t > 0:  # no noise on the final step (Algorithm 2, line 3: z = 0 if t = 1)
-        if variance_noise is None: variance_noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
-        mean = mean + self._step_std(alpha_prod_t, alpha_prod_t_prev, predicted_variance) * variance_noise
-    return SchedulerOutput(mean, x0) if return_dict else (mean, x0)
+    def step(self, model_output, timestep, sample, generator=None, eta=0.0, use_clipped_model_output=False, return_dict=True, *,
+             variance_noise=None) -> SchedulerOutput:
+        "x_t -> x_{t-1} by ancestral sampling: Algorithm 2 of Ho et al. 2020 with the posterior mean of Eq. 7 (`eta`: ignored)."
+        predicted_variance = None
+        if self.config.variance_type in ('learned', 'learned_range') and model_output.shape[1] == 2 * sample.shape[1]:
+            model_output, predicted_variance = model_output.split(sample.shape[1], dim=1)  # (B, 2C): eps and the variance
+        alpha_prod_t, alpha_prod_t_prev, x0, _ = self._predict(model_output, timestep, sample)
+        beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
+        current_alpha_t = alpha_prod_t / alpha_prod_t_prev  # alpha_t (= 1 - beta_t) between the two visited timesteps
+        current_beta_t = 1 - current_alpha_t
+        mean = ((alpha_prod_t_prev ** 0.5 * current_beta_t) / beta_prod_t * x0             # posterior mean, Eq. 7
+                + (current_alpha_t ** 0.5 * beta_prod_t_prev / beta_prod_t) * sample)
+        if int(timestep) > 0:  # no noise on the final step (Algorithm 2, line 3: z = 0 if t = 1)
+            std = self._step_std(alpha_prod_t, alpha_prod_t_prev, predicted_variance)
+            mean = mean + std * self._noise(model_output, generator, variance_noise)
+        return SchedulerOutput(mean, x0) if return_dict else (mean, x0)
 
 # %% ../nbs/05_schedulers.ipynb #d28e47eb
-class DDIMScheduler(NoiseScheduler):
+class DDIMScheduler(_AlphaBarScheduler):
     "Denoising diffusion implicit models: Eq. 12 of Song et al. 2021, deterministic for eta = 0."
     def __init__(self,
                  num_train_timesteps:int=1000, # T, the number of noise levels the model was trained on
@@ -344,38 +370,22 @@ class DDIMScheduler(NoiseScheduler):
                  rescale_betas_zero_snr:bool=False, # Lin et al. 2023 zero-terminal-SNR rescaling
                 ):
         self._init_schedule(locals())
-        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
     def previous_timestep(self, timestep:int) -> int:
         "t minus the fixed stride T // N (diffusers' rule; with 'leading' spacing it is the next listed timestep)."
         return int(timestep) - self.config.num_train_timesteps // self.num_inference_steps
 
-# %% ../nbs/05_schedulers.ipynb #c9d704bd
-@patch
-def step(self:DDIMScheduler, model_output:torch.Tensor, # the network's output at (sample, timestep)
-         timestep:int, # the current t (one of `timesteps`)
-         sample:torch.Tensor, # x_t (B, C, ...)
-         eta:float=0.0, # 0: deterministic DDIM; 1: DDPM's variance
-         use_clipped_model_output:bool=False, # recompute eps from the clipped x0
-         generator:torch.Generator|None=None, # for the added noise (eta > 0)
-         variance_noise:torch.Tensor|None=None, # or: the added noise itself
-         return_dict:bool=True, # False: a tuple (prev_sample, pred_original_sample)
-        ) -> SchedulerOutput:
-    "x_t -> x_{t-1} with the generalised step of Eq. 12 of Song et al. 2021 (DDIM)."
-    if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step")
-    t = int(timestep); prev_t = self.previous_timestep(t)
-    alpha_prod_t, alpha_prod_t_prev = self._alpha_prod(t), self._alpha_prod(prev_t)
-    beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
-    x0, eps = self._x0_eps(model_output, sample, alpha_prod_t ** 0.5, beta_prod_t ** 0.5)
-    x0 = self._clip_x0(x0)
-    std_dev_t = eta * ((beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)) ** 0.5  # Eq. 16
-    if use_clipped_model_output: eps = (sample - alpha_prod_t ** 0.5 * x0) / beta_prod_t ** 0.5
-    prev = alpha_prod_t_prev ** 0.5 * x0 + (1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5 * eps  # Eq. 12
-    if eta > 0:
-        if variance_noise is not None and generator is not None: raise ValueError("pass either generator or variance_noise, not both")
-        if variance_noise is None: variance_noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
-        prev = prev + std_dev_t * variance_noise
-    return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
+    def step(self, model_output, timestep, sample, generator=None, eta=0.0, use_clipped_model_output=False, return_dict=True, *,
+             variance_noise=None) -> SchedulerOutput:
+        "x_t -> x_{t-1} with the generalised step of Eq. 12 of Song et al. 2021 (DDIM)."
+        if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step")
+        alpha_prod_t, alpha_prod_t_prev, x0, eps = self._predict(model_output, timestep, sample)
+        beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
+        std_dev_t = eta * ((beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)) ** 0.5  # Eq. 16
+        if use_clipped_model_output: eps = (sample - alpha_prod_t ** 0.5 * x0) / beta_prod_t ** 0.5
+        prev = alpha_prod_t_prev ** 0.5 * x0 + (1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5 * eps  # Eq. 12
+        if eta > 0: prev = prev + std_dev_t * self._noise(model_output, generator, variance_noise)
+        return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
 
 # %% ../nbs/05_schedulers.ipynb #8c584c79
 def karras_sigmas(sigma_min:float, sigma_max:float, n:int, # n noise levels from sigma_max down to sigma_min
@@ -399,8 +409,17 @@ def sigma_to_t(sigmas:np.ndarray, # noise levels
     return ((1 - w) * lo + w * (lo + 1)).reshape(sigmas.shape)
 
 # %% ../nbs/05_schedulers.ipynb #cd819566
-class SigmaScheduler(NoiseScheduler):
-    "Base of schedulers that step through a list of noise levels `sigmas` with a step counter (Euler, DPM-Solver)."
+class _SigmaScheduler(NoiseScheduler):
+    "Euler and DPM-Solver: step through a list of noise levels `sigmas` with a step counter."
+    def _init_schedule(self, args:dict):
+        super()._init_schedule(args)
+        c = self.config
+        self._check('final_sigmas_type', ('zero', 'sigma_min'))
+        self._not_implemented(use_beta_sigmas=False)
+        if c.use_karras_sigmas and c.use_exponential_sigmas: raise ValueError("use only one of use_karras_sigmas and use_exponential_sigmas")
+        if c.rescale_betas_zero_snr: self.alphas_cumprod[-1] = 2 ** -24  # keep sigma_max finite
+        self._step_index = self._begin_index = None
+
     @property
     def step_index(self): return self._step_index
     @property
@@ -426,18 +445,40 @@ class SigmaScheduler(NoiseScheduler):
         else: idx = [self._step_index if self._step_index is not None else self._begin_index] * len(ts)
         return _bcast(self.sigmas.to(x.device, x.dtype)[idx], x)
 
+    def _alpha_sigma(self, sigma):
+        "(alpha_t, sigma_t) of the original process from the noise level sigma = sigma_t / alpha_t."
+        alpha_t = 1 / (sigma ** 2 + 1) ** 0.5
+        return alpha_t, sigma * alpha_t
+
+    def _train_sigmas(self):
+        "sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training timestep, ascending in t (float32 numpy)."
+        return (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy().copy()
+
+    def _noise_levels(self, ts:np.ndarray, # (N,) spaced timesteps, descending
+                      sigma_min:float|None=None, sigma_max:float|None=None): # ends of Karras/exponential levels (default: the spaced ones')
+        "(sigmas, timesteps) to visit: sigma at `ts`; or Karras/exponential levels and the fractional timesteps they correspond to."
+        c, train = self.config, self._train_sigmas()
+        sigmas = np.interp(ts, np.arange(len(train)), train)  # sigma at (fractional) timesteps
+        if not (c.use_karras_sigmas or c.use_exponential_sigmas): return sigmas, ts
+        lo = sigmas[-1].item() if sigma_min is None else sigma_min
+        hi = sigmas[0].item() if sigma_max is None else sigma_max
+        sigmas = (karras_sigmas if c.use_karras_sigmas else exponential_sigmas)(lo, hi, len(ts))
+        return sigmas, sigma_to_t(sigmas, np.log(train))  # the (fractional) timesteps the U-Net is told
+
     def _final_sigma(self) -> float:
         "The noise level after the last step: 0 ('zero'), or the smallest training sigma ('sigma_min')."
         ab0 = self.alphas_cumprod[0]
         if self.config.final_sigmas_type == 'sigma_min': return float(((1 - ab0) / ab0) ** 0.5)
         return 0.0
 
-    def _train_sigmas(self):
-        "sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for every training timestep, ascending in t (float32 numpy)."
-        return (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy().copy()
+    def _set_sigmas(self, sigmas:np.ndarray, timesteps:torch.Tensor):
+        "Keep the N visited noise levels plus the final one (N+1, on the CPU) and the N `timesteps`; restart the counter."
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [self._final_sigma()]]).astype(np.float32))
+        self.timesteps, self.num_inference_steps = timesteps, len(timesteps)
+        self._step_index = self._begin_index = None
 
 # %% ../nbs/05_schedulers.ipynb #d77dd176
-class EulerDiscreteScheduler(SigmaScheduler):
+class EulerDiscreteScheduler(_SigmaScheduler):
     "Euler's method on the probability-flow ODE in sigma, Algorithm 2 of Karras et al. 2022 (with churn = 0: deterministic)."
     def __init__(self,
                  num_train_timesteps:int=1000, # T
@@ -459,13 +500,9 @@ class EulerDiscreteScheduler(SigmaScheduler):
                  final_sigmas_type:str='zero', # the last noise level: 'zero' or 'sigma_min'
                 ):
         self._init_schedule(locals())
-        self._not_implemented(interpolation_type='linear', use_beta_sigmas=False, timestep_type='discrete')
-        self._check('final_sigmas_type', ('zero', 'sigma_min'))
-        if use_karras_sigmas and use_exponential_sigmas: raise ValueError("use only one of use_karras_sigmas and use_exponential_sigmas")
-        if rescale_betas_zero_snr: self.alphas_cumprod[-1] = 2 ** -24  # keep sigma_max finite
+        self._not_implemented(interpolation_type='linear', timestep_type='discrete')
         self.sigmas = torch.cat([torch.from_numpy(self._train_sigmas()).flip(0), torch.zeros(1)])
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps)[::-1].copy()).float()
-        self._step_index = self._begin_index = None
 
     @property
     def init_noise_sigma(self):
@@ -473,69 +510,51 @@ class EulerDiscreteScheduler(SigmaScheduler):
         m = self.sigmas.max()
         return m if self.config.timestep_spacing in ('linspace', 'trailing') else (m ** 2 + 1) ** 0.5
 
-# %% ../nbs/05_schedulers.ipynb #1c13f959
-@patch
-def set_timesteps(self:EulerDiscreteScheduler, num_inference_steps:int, # N
-                  device=None): # where `timesteps` should live
-    "Choose N timesteps and their noise levels `sigmas` (N+1, ending at the final sigma)."
-    c = self.config
-    self.num_inference_steps = num_inference_steps
-    ts = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset).astype(np.float32)
-    train_sigmas = self._train_sigmas()
-    sigmas = np.interp(ts, np.arange(len(train_sigmas)), train_sigmas)  # sigma at fractional timesteps
-    if c.use_karras_sigmas or c.use_exponential_sigmas:
-        lo = c.sigma_min if c.sigma_min is not None else sigmas[-1].item()
-        hi = c.sigma_max if c.sigma_max is not None else sigmas[0].item()
-        sigmas = (karras_sigmas if c.use_karras_sigmas else exponential_sigmas)(lo, hi, num_inference_steps)
-        ts = sigma_to_t(sigmas, np.log(train_sigmas))  # the (fractional) timesteps the U-Net is told
-    self.sigmas = torch.from_numpy(np.concatenate([sigmas, [self._final_sigma()]]).astype(np.float32))  # (N+1,) kept on the CPU
-    self.timesteps = torch.from_numpy(ts.astype(np.float32)).to(device)  # float (N,)
-    self._step_index = self._begin_index = None
+    def set_timesteps(self, num_inference_steps:int, # N
+                      device=None): # where `timesteps` should live
+        "Choose N timesteps and their noise levels `sigmas` (N+1, ending at the final sigma)."
+        c = self.config
+        ts = spaced_timesteps(num_inference_steps, c.num_train_timesteps, c.timestep_spacing, c.steps_offset).astype(np.float32)
+        sigmas, ts = self._noise_levels(ts, c.sigma_min, c.sigma_max)
+        self._set_sigmas(sigmas, torch.from_numpy(ts.astype(np.float32)).to(device))  # float timesteps (N,)
 
-@patch
-def scale_model_input(self:EulerDiscreteScheduler, sample:torch.Tensor, timestep) -> torch.Tensor:
-    "x / sqrt(sigma² + 1): back from the sigma view to the x_t the network was trained on."
-    if self._step_index is None: self._init_step_index(timestep)
-    return sample / ((self.sigmas[self._step_index] ** 2 + 1) ** 0.5)
+    def scale_model_input(self, sample:torch.Tensor, timestep) -> torch.Tensor:
+        "x / sqrt(sigma² + 1): back from the sigma view to the x_t the network was trained on."
+        if self._step_index is None: self._init_step_index(timestep)
+        return sample / ((self.sigmas[self._step_index] ** 2 + 1) ** 0.5)
 
-@patch
-def add_noise(self:EulerDiscreteScheduler, original_samples, noise, timesteps):
-    "x = x0 + sigma eps: the forward process in the sigma view (timesteps from the current schedule)."
-    return original_samples + noise * self._sigmas_at(timesteps, original_samples)
+    def add_noise(self, original_samples, noise, timesteps):
+        "x = x0 + sigma eps: the forward process in the sigma view (timesteps from the current schedule)."
+        return original_samples + noise * self._sigmas_at(timesteps, original_samples)
 
-# %% ../nbs/05_schedulers.ipynb #c31fb4fa
-@patch
-def step(self:EulerDiscreteScheduler, model_output:torch.Tensor, # the network's output
-         timestep, # the current timestep (one of `timesteps`, a float)
-         sample:torch.Tensor, # x at the current sigma
-         s_churn:float=0.0, # Karras et al. 2022's stochastic "churn" (0: deterministic)
-         s_tmin:float=0.0, s_tmax:float=float('inf'), # churn only for sigma in [s_tmin, s_tmax]
-         s_noise:float=1.0, # scale of the churn noise
-         generator:torch.Generator|None=None, # for the churn noise
-         return_dict:bool=True, # False: a tuple (prev_sample, pred_original_sample)
-        ) -> SchedulerOutput:
-    "One Euler step of dx/dsigma = (x - x0)/sigma to the next sigma: Algorithm 2 of Karras et al. 2022."
-    if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
-        raise ValueError("pass a timestep from scheduler.timesteps (a float), not an integer index")
-    if self._step_index is None: self._init_step_index(timestep)
-    sample = sample.to(torch.float32)
-    sigma = self.sigmas[self._step_index]
-    gamma = min(s_churn / (len(self.sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-    sigma_hat = sigma * (gamma + 1)  # churn: raise the noise level a little by adding fresh noise
-    if gamma > 0:
-        eps = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype) * s_noise
-        sample = sample + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
-    p = self.config.prediction_type
-    if p == 'epsilon': x0 = sample - sigma_hat * model_output
-    elif p == 'sample': x0 = model_output
-    else: x0 = model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + sample / (sigma ** 2 + 1)  # v, in the sigma view
-    derivative = (sample - x0) / sigma_hat
-    prev = (sample + derivative * (self.sigmas[self._step_index + 1] - sigma_hat)).to(model_output.dtype)
-    self._step_index += 1
-    return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
+    def step(self, model_output, timestep, sample, generator=None, eta=0.0, use_clipped_model_output=False, return_dict=True, *,
+             variance_noise=None, # the churn noise itself, instead of a `generator`
+             s_churn:float=0.0, # Karras et al. 2022's stochastic "churn" (0: deterministic)
+             s_tmin:float=0.0, s_tmax:float=float('inf'), # churn only for sigma in [s_tmin, s_tmax]
+             s_noise:float=1.0, # scale of the churn noise
+            ) -> SchedulerOutput:
+        "One Euler step of dx/dsigma = (x - x0)/sigma to the next sigma: Algorithm 2 of Karras et al. 2022 (`eta`: ignored)."
+        if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
+            raise ValueError("pass a timestep from scheduler.timesteps (a float), not an integer index")
+        if self._step_index is None: self._init_step_index(timestep)
+        sample = sample.to(torch.float32)
+        sigma = self.sigmas[self._step_index]
+        gamma = min(s_churn / (len(self.sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+        sigma_hat = sigma * (gamma + 1)  # churn: raise the noise level a little by adding fresh noise
+        if gamma > 0:
+            eps = self._noise(model_output, generator, variance_noise) * s_noise
+            sample = sample + eps * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+        if self.config.prediction_type == 'v_prediction':  # v lives in the original process, x_t = alpha_t x; read at sigma, as diffusers
+            alpha_t, sigma_t = self._alpha_sigma(sigma)
+            x0, _ = self._x0_eps(model_output, alpha_t * sample, alpha_t, sigma_t)
+        else: x0, _ = self._x0_eps(model_output, sample, 1.0, sigma_hat)  # the sigma view: x = x0 + sigma_hat eps
+        derivative = (sample - x0) / sigma_hat
+        prev = (sample + derivative * (self.sigmas[self._step_index + 1] - sigma_hat)).to(model_output.dtype)
+        self._step_index += 1
+        return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
 
 # %% ../nbs/05_schedulers.ipynb #0fb7f8bd
-class DPMSolverMultistepScheduler(SigmaScheduler):
+class DPMSolverMultistepScheduler(_SigmaScheduler):
     "DPM-Solver++ multistep (2M by default): Algorithms 1-2 of Lu et al. 2022 (DPM-Solver++)."
     def __init__(self,
                  num_train_timesteps:int=1000, # T
@@ -571,133 +590,98 @@ class DPMSolverMultistepScheduler(SigmaScheduler):
         self._check('algorithm_type', ('dpmsolver++', 'sde-dpmsolver++'))
         self._check('solver_order', (1, 2, 3))
         self._check('solver_type', ('midpoint', 'heun'))
-        self._check('final_sigmas_type', ('zero', 'sigma_min'))
-        self._not_implemented(use_beta_sigmas=False, use_lu_lambdas=False, use_flow_sigmas=False, use_dynamic_shifting=False)
-        if use_karras_sigmas and use_exponential_sigmas: raise ValueError("use only one of use_karras_sigmas and use_exponential_sigmas")
-        if rescale_betas_zero_snr: self.alphas_cumprod[-1] = 2 ** -24  # keep sigma_max finite
+        self._not_implemented(use_lu_lambdas=False, use_flow_sigmas=False, use_dynamic_shifting=False)
         self.lambda_t = torch.log(self.alphas_cumprod.sqrt()) - torch.log((1 - self.alphas_cumprod).sqrt())  # log-SNR / 2
         self.sigmas = torch.from_numpy(self._train_sigmas())
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps, dtype=np.float32)[::-1].copy())
         self.model_outputs, self.lower_order_nums = [None] * solver_order, 0
-        self._step_index = self._begin_index = None
 
-# %% ../nbs/05_schedulers.ipynb #987587c1
-@patch
-def set_timesteps(self:DPMSolverMultistepScheduler, num_inference_steps:int, # N
-                  device=None): # where `timesteps` should live
-    "Choose N timesteps and their noise levels `sigmas` (N+1), and reset the solver's history."
-    c = self.config
-    T = c.num_train_timesteps
-    last = T - int(torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped))  # first timestep not clipped away
-    if c.timestep_spacing == 'trailing':
-        if last != T: raise NotImplementedError("lambda_min_clipped with 'trailing' spacing is not implemented")
-        ts = spaced_timesteps(num_inference_steps, T, 'trailing')
-    else: ts = spaced_timesteps(num_inference_steps + 1, last, c.timestep_spacing, c.steps_offset)[:-1]  # drop t = 0
-    ts = ts.round()
-    train_sigmas = self._train_sigmas()
-    if c.use_karras_sigmas or c.use_exponential_sigmas:
-        conv = karras_sigmas if c.use_karras_sigmas else exponential_sigmas
-        sigmas = conv(train_sigmas[0].item(), train_sigmas[-1].item(), num_inference_steps)
-        ts = sigma_to_t(sigmas, np.log(train_sigmas))
+    def set_timesteps(self, num_inference_steps:int, # N
+                      device=None): # where `timesteps` should live
+        "Choose N timesteps and their noise levels `sigmas` (N+1), and reset the solver's history."
+        c = self.config
+        T = c.num_train_timesteps
+        last = T - int(torch.searchsorted(torch.flip(self.lambda_t, [0]), c.lambda_min_clipped))  # first timestep not clipped away
+        if c.timestep_spacing == 'trailing':
+            if last != T: raise NotImplementedError("lambda_min_clipped with 'trailing' spacing is not implemented")
+            ts = spaced_timesteps(num_inference_steps, T, 'trailing')
+        else: ts = spaced_timesteps(num_inference_steps + 1, last, c.timestep_spacing, c.steps_offset)[:-1]  # drop t = 0
+        train = self._train_sigmas()
+        sigmas, ts = self._noise_levels(ts.round(), train[0].item(), train[-1].item())
         if c.use_karras_sigmas and c.beta_schedule != 'squaredcos_cap_v2': ts = ts.round()
-    else: sigmas = np.interp(ts, np.arange(len(train_sigmas)), train_sigmas)
-    self.sigmas = torch.from_numpy(np.concatenate([sigmas, [self._final_sigma()]]).astype(np.float32))  # (N+1,)
-    self.timesteps = torch.from_numpy(ts).to(device=device, dtype=torch.int64)
-    self.num_inference_steps = len(ts)
-    self.model_outputs, self.lower_order_nums = [None] * c.solver_order, 0
-    self._step_index = self._begin_index = None
+        self._set_sigmas(sigmas, torch.from_numpy(ts).to(device=device, dtype=torch.int64))
+        self.model_outputs, self.lower_order_nums = [None] * c.solver_order, 0
 
-@patch
-def _alpha_sigma(self:DPMSolverMultistepScheduler, sigma):
-    "(alpha_t, sigma_t) of the VP process from the noise level sigma = sigma_t / alpha_t."
-    alpha_t = 1 / (sigma ** 2 + 1) ** 0.5
-    return alpha_t, sigma * alpha_t
+    def add_noise(self, original_samples, noise, timesteps):
+        "x_t = alpha_t x0 + sigma_t eps at `timesteps` of the current schedule."
+        alpha_t, sigma_t = self._alpha_sigma(self._sigmas_at(timesteps, original_samples))
+        return alpha_t * original_samples + sigma_t * noise
 
-@patch
-def add_noise(self:DPMSolverMultistepScheduler, original_samples, noise, timesteps):
-    "x_t = alpha_t x0 + sigma_t eps at `timesteps` of the current schedule."
-    alpha_t, sigma_t = self._alpha_sigma(self._sigmas_at(timesteps, original_samples))
-    return alpha_t * original_samples + sigma_t * noise
+    def convert_model_output(self, model_output, sample):
+        "The data prediction x0 that DPM-Solver++ extrapolates, from whatever the model predicts."
+        if self.config.variance_type in ('learned', 'learned_range') and self.config.prediction_type == 'epsilon':
+            model_output = model_output[:, :sample.shape[1]]  # drop the predicted variance
+        x0, _ = self._x0_eps(model_output, sample, *self._alpha_sigma(self.sigmas[self._step_index]))
+        return self._clip_x0(x0)
 
-@patch
-def convert_model_output(self:DPMSolverMultistepScheduler, model_output, sample):
-    "The data prediction x0 that DPM-Solver++ extrapolates, from whatever the model predicts."
-    if self.config.variance_type in ('learned', 'learned_range') and self.config.prediction_type == 'epsilon':
-        model_output = model_output[:, :sample.shape[1]]  # drop the predicted variance
-    x0, _ = self._x0_eps(model_output, sample, *self._alpha_sigma(self.sigmas[self._step_index]))
-    return dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value) if self.config.thresholding else x0
+    def _lambdas(self, k:int):
+        "(alpha, sigma, lambda) at sigmas[step_index + 1 - j] for j = 0..k: the target and the k previous noise levels."
+        out = []
+        for j in range(k + 1):
+            a, s = self._alpha_sigma(self.sigmas[self._step_index + 1 - j])
+            out.append((a, s, torch.log(a) - torch.log(s)))
+        return out
 
-# %% ../nbs/05_schedulers.ipynb #f12bbd5b
-@patch
-def _lambdas(self:DPMSolverMultistepScheduler, k:int):
-    "(alpha, sigma, lambda) at sigmas[step_index + 1 - j] for j = 0..k: the target and the k previous noise levels."
-    out = []
-    for j in range(k + 1):
-        a, s = self._alpha_sigma(self.sigmas[self._step_index + 1 - j])
-        out.append((a, s, torch.log(a) - torch.log(s)))
-    return out
-
-@patch
-def _update(self:DPMSolverMultistepScheduler, order:int, sample, noise=None):
-    "x_{s0} -> x_t with the DPM-Solver++ update of the given order (1: Eq. 10 = DDIM; 2: Algorithm 2; 3: 3M)."
-    sde, m = self.config.algorithm_type == 'sde-dpmsolver++', self.model_outputs
-    (alpha_t, sigma_t, lambda_t), (_, sigma_s0, lambda_s0), *rest = self._lambdas(order)
-    h = lambda_t - lambda_s0
-    # ODE: x_t = (sigma_t/sigma_s0) x - alpha_t (e^-h - 1) D0 + ...; SDE: decay e^-h on x, 1 - e^-2h on D0, plus noise
-    if sde: x_t, c0 = (sigma_t / sigma_s0 * torch.exp(-h)) * sample, alpha_t * (1 - torch.exp(-2.0 * h))
-    else:   x_t, c0 = (sigma_t / sigma_s0) * sample, -(alpha_t * (torch.exp(-h) - 1.0))
-    D0 = m[-1]
-    if order == 1: x_t = x_t + c0 * D0
-    else:
-        lambda_s1 = rest[0][2]
-        r0 = (lambda_s0 - lambda_s1) / h
-        D1_0 = (1.0 / r0) * (m[-1] - m[-2])
-        if order == 2:
-            if self.config.solver_type == 'midpoint': c1 = 0.5 * c0
-            elif sde: c1 = alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
-            else: c1 = alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)
-            x_t = x_t + c0 * D0 + c1 * D1_0
+    def _update(self, order:int, sample, noise=None):
+        "x_{s0} -> x_t with the DPM-Solver++ update of the given order (1: Eq. 10 = DDIM; 2: Algorithm 2; 3: 3M)."
+        sde, m = self.config.algorithm_type == 'sde-dpmsolver++', self.model_outputs
+        (alpha_t, sigma_t, lambda_t), (_, sigma_s0, lambda_s0), *rest = self._lambdas(order)
+        h = lambda_t - lambda_s0
+        # ODE: x_t = (sigma_t/sigma_s0) x - alpha_t (e^-h - 1) D0 + ...; SDE: decay e^-h on x, 1 - e^-2h on D0, plus noise
+        if sde: x_t, c0 = (sigma_t / sigma_s0 * torch.exp(-h)) * sample, alpha_t * (1 - torch.exp(-2.0 * h))
+        else:   x_t, c0 = (sigma_t / sigma_s0) * sample, -(alpha_t * (torch.exp(-h) - 1.0))
+        D0 = m[-1]
+        if order == 1: x_t = x_t + c0 * D0
         else:
-            lambda_s2 = rest[1][2]
-            r1 = (lambda_s1 - lambda_s2) / h
-            D1_1 = (1.0 / r1) * (m[-2] - m[-3])
-            D1, D2 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1), (1.0 / (r0 + r1)) * (D1_0 - D1_1)
-            if sde:
-                x_t = (x_t + c0 * D0 + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
-                       + (alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2)
+            lambda_s1 = rest[0][2]
+            r0 = (lambda_s0 - lambda_s1) / h
+            D1_0 = (1.0 / r0) * (m[-1] - m[-2])
+            if order == 2:
+                if self.config.solver_type == 'midpoint': c1 = 0.5 * c0
+                elif sde: c1 = alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
+                else: c1 = alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)
+                x_t = x_t + c0 * D0 + c1 * D1_0
             else:
-                x_t = (x_t + c0 * D0 + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
-                       - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h ** 2 - 0.5)) * D2)
-    if sde: x_t = x_t + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
-    return x_t
+                lambda_s2 = rest[1][2]
+                r1 = (lambda_s1 - lambda_s2) / h
+                D1_1 = (1.0 / r1) * (m[-2] - m[-3])
+                D1, D2 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1), (1.0 / (r0 + r1)) * (D1_0 - D1_1)
+                if sde:
+                    x_t = (x_t + c0 * D0 + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * D1
+                           + (alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D2)
+                else:
+                    x_t = (x_t + c0 * D0 + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * D1
+                           - (alpha_t * ((torch.exp(-h) - 1.0 + h) / h ** 2 - 0.5)) * D2)
+        if sde: x_t = x_t + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
+        return x_t
 
-# %% ../nbs/05_schedulers.ipynb #6cc5456d
-@patch
-def step(self:DPMSolverMultistepScheduler, model_output:torch.Tensor, # the network's output
-         timestep, # the current timestep (one of `timesteps`)
-         sample:torch.Tensor, # x_t
-         generator:torch.Generator|None=None, # noise for 'sde-dpmsolver++'
-         variance_noise:torch.Tensor|None=None, # or: that noise itself
-         return_dict:bool=True, # False: a tuple (prev_sample, pred_original_sample)
-        ) -> SchedulerOutput:
-    "One DPM-Solver++ step, of the highest order the history allows."
-    if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step")
-    if self._step_index is None: self._init_step_index(timestep)
-    c, n, i = self.config, len(self.timesteps), self._step_index
-    # few-step sampling is more stable when the last steps fall back to lower orders
-    lower_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == 'zero')
-    lower_second = i == n - 2 and c.lower_order_final and n < 15
-    x0 = self.convert_model_output(model_output, sample)
-    self.model_outputs = self.model_outputs[1:] + [x0]
-    sample = sample.to(torch.float32)
-    noise = None
-    if c.algorithm_type == 'sde-dpmsolver++':
-        noise = (randn_tensor(model_output.shape, generator, model_output.device, torch.float32) if variance_noise is None
-                 else variance_noise.to(model_output.device, torch.float32))
-    if c.solver_order == 1 or self.lower_order_nums < 1 or lower_final: order = 1
-    elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_second: order = 2
-    else: order = 3
-    prev = self._update(order, sample, noise).to(model_output.dtype)
-    self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
-    self._step_index += 1
-    return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
+    def step(self, model_output, timestep, sample, generator=None, eta=0.0, use_clipped_model_output=False, return_dict=True, *,
+             variance_noise=None) -> SchedulerOutput:
+        "One DPM-Solver++ step, of the highest order the history allows (`eta`: ignored; the noise is for 'sde-dpmsolver++')."
+        if self.num_inference_steps is None: raise ValueError("call set_timesteps(num_inference_steps) before step")
+        if self._step_index is None: self._init_step_index(timestep)
+        c, n, i = self.config, len(self.timesteps), self._step_index
+        # few-step sampling is more stable when the last steps fall back to lower orders
+        lower_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == 'zero')
+        lower_second = i == n - 2 and c.lower_order_final and n < 15
+        x0 = self.convert_model_output(model_output, sample)
+        self.model_outputs = self.model_outputs[1:] + [x0]
+        sample = sample.to(torch.float32)
+        noise = self._noise(model_output, generator, variance_noise, torch.float32) if c.algorithm_type == 'sde-dpmsolver++' else None
+        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_final: order = 1
+        elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_second: order = 2
+        else: order = 3
+        prev = self._update(order, sample, noise).to(model_output.dtype)
+        self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
+        self._step_index += 1
+        return SchedulerOutput(prev, x0) if return_dict else (prev, x0)

@@ -4,14 +4,15 @@
 
 # %% ../nbs/13_mini_sd.ipynb #f2ac7be4
 from __future__ import annotations
-import math, time
+import math, os, shutil, time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.nn.functional as F
-from .core import seed_everything, image_grid
+from .core import seed_everything, image_grid, budget, in_test
 from .data import load_mnist, get_dls, captions_for, CAPTION_TEMPLATES, DIGIT_WORDS
-from .learner import Learner, CheckpointCB, load_state
+from .learner import Learner, CheckpointCB, load_state, is_main_process
 from .vae import AutoencoderKL, VAEConfig
 from .unet import UNet, UNetConfig
 from .clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPTextModel, clip_caption_step
@@ -24,7 +25,7 @@ from .pipeline import StableDiffusion
 __all__ = ['MNIST_SCHEDULE', 'pad32', 'MnistRecipe', 'is_finished', 'fit_stage', 'vae_step', 'encode_latents',
            'latent_scaling_factor', 'train_vae', 'mnist_tokenizer', 'mnist_clip_config', 'train_clip',
            'text_encoder_from_clip', 'caption_embeddings', 'latent_diffusion_step', 'sd_ddim_scheduler',
-           'latent_unet_config', 'train_latent_unet', 'digit_grid', 'train_mnist']
+           'latent_unet_config', 'train_latent_unet', 'digit_grid', 'train_mnist', 'mnist_pipeline']
 
 # %% ../nbs/13_mini_sd.ipynb #abead0fc
 def pad32(x:torch.Tensor) -> torch.Tensor: # (N,1,28,28) in [0,1]
@@ -119,7 +120,7 @@ def mnist_tokenizer(vocab_size:int=1024) -> CLIPTokenizer:
     return CLIPTokenizer.train([c for d in range(10) for c in captions_for(d)], vocab_size=vocab_size)
 
 def mnist_clip_config(vocab_size:int) -> CLIPConfig:
-    "Lesson 11's MNIST CLIP: the tiny text tower, a 4-level image tower, temperature starting at 10."
+    "The MNIST CLIP (`minisd.clip`): the tiny text tower, a 4-level image tower, temperature starting at 10."
     return CLIPConfig(CLIPTextConfig.mnist(vocab_size=vocab_size), image_widths=(16, 32, 64, 128),
                       logit_scale_init_value=math.log(10))
 
@@ -127,7 +128,7 @@ def train_clip(x:torch.Tensor, y:torch.Tensor, # digits (N,1,28,28) in [0,1] and
                tokenizer:CLIPTokenizer, epochs:int=10, lr:float=3e-3, bs:int=128,
                ckpt=None, # resumable checkpoint file
                device=None, progress:bool=True, seed:int=0) -> CLIP: # seed: of the caption phrasings
-    "Train CLIP on (digit, random caption) pairs with the multi-positive contrastive loss of lesson 11."
+    "Train CLIP on (digit, random caption) pairs with `minisd.clip`'s multi-positive contrastive loss."
     clip = CLIP(mnist_clip_config(len(tokenizer)))
     step = clip_caption_step(tokenizer, generator=torch.Generator().manual_seed(seed))
     fit_stage(Learner(clip, get_dls((x, y), bs=bs), step=step, lr=lr, device=device, progress=progress), epochs, ckpt)
@@ -162,7 +163,7 @@ def latent_diffusion_step(scheduler, # the training noise schedule (DDPM)
     return step
 
 # %% ../nbs/13_mini_sd.ipynb #5dc1c21f
-MNIST_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule='squaredcos_cap_v2')  # cosine: see above
+MNIST_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule='squaredcos_cap_v2')  # cosine (Nichol & Dhariwal 2021): more signal left mid-schedule than SD's
 
 def sd_ddim_scheduler() -> DDIMScheduler:
     "DDIM with the MNIST latents' noise schedule and Stable Diffusion 1.x's other settings."
@@ -204,7 +205,7 @@ def train_mnist(out_dir, # where the pipeline, `samples.png` and `checkpoints/` 
     "Train VAE -> tokenizer + CLIP -> latent U-Net on MNIST; save the `StableDiffusion` pipeline and a sample grid."
     r, out = recipe or MnistRecipe(), Path(out_dir)
     ck, t0 = out/'checkpoints', time.time()
-    say = print if progress else (lambda *a: None)
+    say = print if progress and is_main_process() else (lambda *a: None)   # under torchrun: process 0 reports
     x, y = load_mnist('train', source)
     x, y = x[:r.n_train], y[:r.n_train]
     say(f"[1/3] VAE on {len(x)} digits"); seed_everything(seed)
@@ -222,8 +223,39 @@ def train_mnist(out_dir, # where the pipeline, `samples.png` and `checkpoints/` 
                              epochs=r.unet_epochs, lr=r.unet_lr, bs=r.bs, p_uncond=r.p_uncond, ckpt=ck/'unet.safetensors',
                              device=device, progress=progress)
     pipe = StableDiffusion(unet, vae, text_encoder, tok, sd_ddim_scheduler())
-    pipe.show_progress = False
-    pipe.save_pretrained(out)
-    digit_grid(pipe, num_inference_steps=r.sample_steps, guidance_scale=r.guidance_scale, seed=seed).save(out/'samples.png')
+    pipe.set_progress_bar_config(disable=True)
+    if is_main_process():   # under torchrun every process holds the same model: one writes it
+        pipe.save_pretrained(out)
+        digit_grid(pipe, num_inference_steps=r.sample_steps, guidance_scale=r.guidance_scale, seed=seed).save(out/'samples.png')
     say(f"saved the pipeline and samples.png to {out} ({time.time() - t0:.0f}s)")
+    return pipe
+
+# %% ../nbs/13_mini_sd.ipynb #1353c85b
+@contextmanager
+def _file_lock(path):
+    "Hold an exclusive lock on the file `path` while the block runs (other processes wait; no lock where `fcntl` is missing)."
+    try: import fcntl
+    except ImportError: yield; return   # Windows: no inter-process lock
+    with open(path, 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+def _mnist_pipeline_dir(cache_dir=None) -> Path:
+    root = Path(cache_dir or os.environ.get('MINISD_CACHE') or Path.home()/'.cache'/'minisd').expanduser()
+    return root/('mnist_sd_fast' if in_test() else 'mnist_sd')
+
+def mnist_pipeline(cache_dir=None) -> StableDiffusion: # default `$MINISD_CACHE`, else `~/.cache/minisd`
+    "The trained mini Stable Diffusion, trained once by `train_mnist` (the fast recipe under `nbdev_test`) then cached."
+    out = _mnist_pipeline_dir(cache_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out.with_name(out.name + '.lock')):   # notebooks run in parallel: one trains, the others wait
+        if not (out/'model_index.json').is_file():
+            partial = out.with_name(out.name + '.partial')   # resumable: `train_mnist` keeps its checkpoints there
+            print(f"training the mini Stable Diffusion once, into {out}")
+            train_mnist(partial, budget(MnistRecipe(), MnistRecipe.fast()), source='embedded', progress=False)
+            if out.exists(): shutil.rmtree(out)   # an incomplete folder left by something else
+            os.replace(partial, out)
+    pipe = StableDiffusion.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -519,3 +519,7 @@ class UNet(nn.Module):
             size = skips[-1].shape[-2:] if skips else None   # upsample to the next level's size (odd sizes)
             x = blk(x, res, emb, encoder_hidden_states, upsample_size=size)
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+
+# %% ../nbs/04_unet.ipynb #a1b2c3d4
+UNet.dtype = property(lambda self: next(self.parameters()).dtype, doc="The parameters' dtype, as diffusers' models have it.")
+UNet.device = property(lambda self: next(self.parameters()).device, doc="The parameters' device, as diffusers' models have it.")

@@ -46,9 +46,14 @@ class VAEConfig:
                              layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.), **kwargs})
 
     @classmethod
-    def sd(cls):
-        "The Stable Diffusion 1.x/2.x VAE (3x512x512 -> 4x64x64)."
-        return cls()
+    def sd15(cls, **kwargs):
+        "The Stable Diffusion 1.x VAE (3x512x512 -> 4x64x64)."
+        return cls(**kwargs)
+
+    @classmethod
+    def sd21(cls, **kwargs):
+        "The Stable Diffusion 2.x VAE: SD 1's, trained at 768x768."
+        return cls(**{'sample_size': 768, **kwargs})
 
     @classmethod
     def from_dict(cls, d:dict):
@@ -163,3 +168,7 @@ class AutoencoderKL(nn.Module):
         "Reconstruct `x` through the latents (the posterior's mode, or a sample)."
         post = self.encode(x)
         return self.decode(post.sample(generator) if sample_posterior else post.mode())
+
+# %% ../nbs/09_vae.ipynb #a1b2c3d5
+AutoencoderKL.dtype = property(lambda self: next(self.parameters()).dtype, doc="The parameters' dtype, as diffusers' models have it.")
+AutoencoderKL.device = property(lambda self: next(self.parameters()).device, doc="The parameters' device, as diffusers' models have it.")

@@ -297,8 +297,8 @@ def test_download_offline_fails_fast_and_clearly(tmp_path, monkeypatch):
 
 def test_download_unreachable_hub_fails_fast_and_clearly(tmp_path, monkeypatch):
     "No offline flag set, but no network (or a mistyped local path like 'runs/mnist'): a clear error within seconds."
-    monkeypatch.setattr('minisd.checkpoints._offline', lambda: False)  # CI sets HF_HUB_OFFLINE: act as a user without it
-    monkeypatch.setattr('minisd.data.hub_reachable', lambda *a, **k: False)
+    monkeypatch.setattr('minisd.checkpoints.hf_offline', lambda: False)  # CI sets HF_HUB_OFFLINE: act as a user without it
+    monkeypatch.setattr('minisd.checkpoints.hub_reachable', lambda *a, **k: False)
     t = time.time()
     with pytest.raises(RuntimeError, match=r"'runs/missing' is not a local file or folder.*not reachable"):
         download('runs/missing', cache_dir=tmp_path/'cache')
@@ -341,7 +341,8 @@ def test_load_single_file_matches_diffusers_modules(case, fmt, tmp_path, tok_dir
     if fmt == 'safetensors': save_file({k: v.contiguous() for k, v in case['ldm'].items()}, f)
     else: torch.save({'state_dict': case['ldm'], 'global_step': 1234}, f)
     (tmp_path/'model.yaml').write_text(__import__('yaml').safe_dump(case['orig']))  # found next to the checkpoint
-    pipe = load_single_file(f, config=TEXT_OVERRIDES, tokenizer=tok_dir)
+    from minisd.pipeline import StableDiffusion
+    pipe = StableDiffusion.from_single_file(f, config=TEXT_OVERRIDES, tokenizer=tok_dir)
     x, t, ctx = _unet_inputs(case['unet'].config.in_channels)
     torch.testing.assert_close(pipe.unet(x, t, ctx), case['unet'](x, t, ctx).sample, atol=1e-5, rtol=1e-4)
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
@@ -361,16 +362,17 @@ def test_load_single_file_dtype_and_tokenizer_errors(tmp_path, tok_dir, monkeypa
     ldm = {**unet_to_ldm(tiny_unet().state_dict(), 2), **vae_to_ldm(tiny_vae().state_dict(), 2), **clip_to_ldm(tiny_clip().state_dict())}
     save_file({k: v.half().contiguous() for k, v in ldm.items()}, tmp_path/'m.safetensors')
     orig = original_config()
-    pipe = load_single_file(tmp_path/'m.safetensors', original_config=orig, config=TEXT_OVERRIDES, tokenizer=tok_dir, torch_dtype=torch.float16)
+    from minisd.pipeline import StableDiffusion
+    pipe = StableDiffusion.from_single_file(tmp_path/'m.safetensors', original_config=orig, config=TEXT_OVERRIDES, tokenizer=tok_dir, torch_dtype=torch.float16)
     assert pipe.unet.conv_in.weight.dtype == torch.float16 and pipe.text_encoder.dtype == torch.float16
     # no tokenizer anywhere, offline: a clear error, quickly
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     import minisd.checkpoints as ck
-    monkeypatch.setattr(ck, 'SD_TOKENIZER_REPOS', {False: ('no-such-user/no-such-repo', None), True: ('no-such-user/no-such-repo', 'tokenizer')})
+    monkeypatch.setattr(ck, '_SD_TOKENIZER_REPOS', {False: ('no-such-user/no-such-repo', None), True: ('no-such-user/no-such-repo', 'tokenizer')})
     with pytest.raises(RuntimeError, match='tokenizer=FOLDER'): load_single_file(tmp_path/'m.safetensors', original_config=orig, config=TEXT_OVERRIDES)
     # a tokenizer/ folder next to the checkpoint is used
     import shutil; shutil.copytree(tok_dir, tmp_path/'tokenizer')
-    assert load_single_file(tmp_path/'m.safetensors', original_config=orig, config=TEXT_OVERRIDES).tokenizer.vocab_size == pipe.tokenizer.vocab_size
+    assert load_single_file(tmp_path/'m.safetensors', original_config=orig, config=TEXT_OVERRIDES)['tokenizer'].vocab_size == pipe.tokenizer.vocab_size
     # strictness end to end: an unknown U-Net key is named
     save_file({**{k: v.contiguous() for k, v in ldm.items()}, 'model.diffusion_model.input_blocks.1.0.foo.weight': torch.zeros(1)}, tmp_path/'x.safetensors')
     with pytest.raises(CheckpointError, match=r'down_blocks\.0\.resnets\.0\.foo\.weight'):
@@ -394,7 +396,7 @@ def test_full_size_configs_inferred(version):
     sd2 = version == 'sd21'
     with torch.device('meta'):
         unet = unet_mod.UNet(getattr(unet_mod.UNetConfig, version)())
-        vae = vae_mod.AutoencoderKL(vae_mod.VAEConfig.sd())
+        vae = vae_mod.AutoencoderKL(vae_mod.VAEConfig.sd15())
         te = clip_mod.CLIPTextModel(getattr(clip_mod.CLIPTextConfig, version)())
     ldm = {**unet_to_ldm(unet.state_dict(), 2), **vae_to_ldm(vae.state_dict(), 4),
            **(clip_to_open_clip(te.state_dict()) if sd2 else clip_to_ldm(te.state_dict()))}

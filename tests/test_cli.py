@@ -1,10 +1,12 @@
 """The `minisd` command: argument parsing, one-line errors, generate on a tiny trained pipeline, train-mnist resume."""
 import os, subprocess, sys
+from pathlib import Path
 import pytest
 import torch
 from PIL import Image
 import minisd.train
-from minisd.cli import main, build_parser, grid
+from minisd.cli import main, build_parser
+from minisd.core import image_grid
 from minisd.learner import load_state
 
 
@@ -58,7 +60,7 @@ def test_missing_model_one_line(tmp_path, capsys):
 
 def test_grid_shapes():
     ims = [Image.new('L', (8, 4)) for _ in range(7)]
-    assert grid(ims).size == (24, 12) and grid(ims[:2]).size == (16, 4) and grid(ims[:1]).size == (8, 4)
+    assert image_grid(ims).size == (24, 12) and image_grid(ims[:2]).size == (16, 4) and image_grid(ims[:1]).size == (8, 4)
 
 
 def test_train_mnist_interrupted_then_resumed(run_dir):
@@ -109,3 +111,23 @@ def test_console_script_bad_model(tmp_path):
     r = subprocess.run([sys.executable, '-c', 'import sys; from minisd.cli import main; sys.exit(main())', 'generate', 'x',
                         '--model', str(tmp_path/'none')], capture_output=True, text=True)
     assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stderr.count('\n') == 1
+
+
+def test_mnist_pipeline_trains_once_then_reuses(tmp_path, monkeypatch):
+    "Trained into a `.partial` folder renamed when complete, then loaded without training; IN_TEST has its own folder."
+    import minisd.train as tr
+    calls = []
+    def fake_train(out, recipe, **kw):
+        calls.append((Path(out), recipe)); Path(out).mkdir(parents=True); (Path(out)/'model_index.json').write_text('{}')
+    class FakePipe:
+        def __init__(self, path): self.path, self.config = path, {}
+        def set_progress_bar_config(self, **kw): self.config = kw
+    monkeypatch.setattr(tr, 'train_mnist', fake_train)
+    monkeypatch.setattr(tr.StableDiffusion, 'from_pretrained', classmethod(lambda cls, p: FakePipe(p)))
+    monkeypatch.delenv('IN_TEST', raising=False)
+    p = tr.mnist_pipeline(tmp_path)
+    assert calls == [(tmp_path/'mnist_sd.partial', tr.MnistRecipe())] and p.path == tmp_path/'mnist_sd'
+    assert not (tmp_path/'mnist_sd.partial').exists() and p.config == {'disable': True}
+    assert tr.mnist_pipeline(tmp_path).path == tmp_path/'mnist_sd' and len(calls) == 1   # reused
+    monkeypatch.setenv('IN_TEST', '1'); monkeypatch.setenv('MINISD_CACHE', str(tmp_path/'env'))
+    assert tr.mnist_pipeline().path == tmp_path/'env'/'mnist_sd_fast' and calls[-1][1] == tr.MnistRecipe.fast()

@@ -1,10 +1,10 @@
-"Tests of minisd.learner: training goes down, exact resume from checkpoints, atomic saves, clipping, one-cycle, custom steps."
+"Tests of minisd.learner: training goes down, exact resume from checkpoints, atomic saves, clipping, one-cycle, custom steps, progress."
 import json, math
 import numpy as np, pytest, torch
 import torch.nn.functional as F
 from torch import nn
 import minisd.learner as L
-from minisd.learner import (Learner, Callback, CheckpointCB, ClipGradCB, OneCycleCB, CancelFitException, accuracy,
+from minisd.learner import (Learner, Callback, CheckpointCB, ClipGradCB, OneCycleCB, ProgressCB, CancelFitException, accuracy,
                             flatten_state, unflatten_state, save_state, load_state)
 from minisd.data import get_dls
 from minisd.core import seed_everything
@@ -46,6 +46,13 @@ class Interrupt(Callback):
         if learn.n_steps == self.at: raise KeyboardInterrupt
 
 
+class InterruptValid(Callback):
+    "Killed during the validation pass of epoch `epoch` (after the training pass's last checkpoint)."
+    def __init__(self, epoch): self.epoch = epoch
+    def after_valid(self, learn):
+        if learn.epoch == self.epoch: raise KeyboardInterrupt
+
+
 class NoisyStep:
     "A custom step that draws its own noise (like a diffusion step): resume must restore the RNG too."
     def __call__(self, learn, batch):
@@ -71,7 +78,30 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, stop_at, every):
     for p, q in zip(resumed.model.parameters(), full.model.parameters()): torch.testing.assert_close(p, q, rtol=0, atol=0)
     # resuming a finished run is a no-op
     again = make(step=NoisyStep()).fit(3, cbs=[CheckpointCB(ck)])
-    assert again.recorder.losses == full.recorder.losses
+    assert again.recorder.losses == full.recorder.losses and again.start == (3, 0)
+
+
+def test_resume_after_an_epochs_last_batch(tmp_path):
+    "Saved after the last training batch (position (0, 12)), killed in the validation pass: the resumed run skips"
+    "every batch of that epoch and must still restore the random state before validating (the step draws noise)."
+    full = make(step=NoisyStep()).fit(2)
+    ck = tmp_path/'ck.safetensors'
+    with pytest.raises(KeyboardInterrupt): make(step=NoisyStep()).fit(2, cbs=[CheckpointCB(ck, every=12), InterruptValid(0)])
+    assert load_state(ck)['pos']['iter'] == 12
+    resumed = make(seed=3, step=NoisyStep()).fit(2, cbs=[CheckpointCB(ck, every=12)])
+    assert resumed.recorder.losses == full.recorder.losses
+    assert [r['valid_loss'] for r in resumed.recorder.rows] == [r['valid_loss'] for r in full.recorder.rows]
+
+
+def test_the_loop_starts_where_the_callback_says(tmp_path):
+    "The loop knows only `learn.start`; a `before_fit` callback moving it skips epochs and batches."
+    class Start(Callback):
+        def before_fit(self, learn): learn.start = (1, 5)
+    learn = make().fit(2, cbs=[Start()], valid=False, one_cycle=False)
+    assert len(learn.recorder.losses) == 12 - 5 and learn.pos == (2, 0)
+    ck = tmp_path/'c.safetensors'
+    make().fit(1, cbs=[CheckpointCB(ck, every=5)])
+    assert make().load_checkpoint(ck, weights_only=True) == (1, 0)
 
 
 def test_checkpoint_contents(tmp_path):
@@ -79,7 +109,7 @@ def test_checkpoint_contents(tmp_path):
     learn = make().fit(1, cbs=[CheckpointCB(ck)])
     from safetensors.torch import load_file
     t = load_file(str(ck))
-    assert {'model.1.weight', 'model.4.bias', 'rng.torch'} <= set(t)
+    assert {'model.1.weight', 'model.4.bias', 'cbs.CheckpointCB.rng.0.torch', 'cbs.CheckpointCB.rng_epoch.0.torch'} <= set(t)
     assert any(k.startswith('opt.state.') and k.endswith('exp_avg') for k in t)
     sd = load_state(ck)
     assert sd['pos'] == {'epoch': 1, 'iter': 0, 'n_steps': 12, 'n_epochs': 1}
@@ -157,13 +187,28 @@ def test_custom_step_and_cancel():
     assert len(learn.recorder.losses) == 3 and events == ['after_fit']
 
 
-def test_progress_console(capsys):
-    "Progress bars in a terminal print the epoch table as text."
+def test_progress_to_a_log_is_one_line_per_epoch(capsys):
+    "Output that is not a terminal (a log file, CI; here pytest's capture) gets one plain line per epoch, no frames."
     seed_everything(0)
     x, y = toy_data()
     Learner(model(), get_dls((x, y), (x, y), bs=64), F.cross_entropy, device='cpu', metrics=[accuracy]).fit(2)
     out = capsys.readouterr().out
-    assert 'train_loss' in out and 'valid_accuracy' in out
+    lines = out.splitlines()
+    assert '\r' not in out and len(lines) == 2, out
+    assert lines[0].startswith('epoch 1/2 ') and lines[1].startswith('epoch 2/2 ')
+    assert all(k in lines[1] for k in ('train_loss', 'valid_loss', 'valid_accuracy', 'time'))
+
+
+def test_progress_bars_when_asked(capsys):
+    "`ProgressCB(bar=True)` uses fastprogress (console bars and the epoch table); `progress=False` prints nothing."
+    seed_everything(0)
+    x, y = toy_data()
+    Learner(model(), get_dls((x, y), (x, y), bs=64), F.cross_entropy, device='cpu', metrics=[accuracy], progress=False,
+            cbs=[ProgressCB(bar=True)]).fit(2)
+    out = capsys.readouterr().out
+    assert 'train_loss' in out and 'valid_accuracy' in out and 'epoch 1/2' not in out
+    Learner(model(), get_dls((x, y), bs=64), F.cross_entropy, device='cpu', progress=False).fit(1)
+    assert capsys.readouterr().out == ''
 
 
 @pytest.mark.gpu

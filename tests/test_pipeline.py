@@ -42,7 +42,7 @@ def minisd_pipe(tok, channels=1, seed=0):
     # random (not zero) output convs so that every step changes the latents
     pipe = StableDiffusion(UNet(UNetConfig.from_dict(UNET)), AutoencoderKL(VAEConfig.from_dict(vae_cfg(channels))),
                            CLIPTextModel(CLIPTextConfig.from_dict(text_cfg(tok))), tok, DDIMScheduler(**SCHED))
-    pipe.show_progress = False
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 def diffusers_load(path, cls=None):
@@ -145,7 +145,7 @@ def test_img2img_matches_diffusers_1channel(saved1):
 
 def test_minisd_loads_diffusers_pipeline(from_diffusers):
     dp, d = from_diffusers
-    pipe = StableDiffusion.from_pretrained(d); pipe.show_progress = False
+    pipe = StableDiffusion.from_pretrained(d); pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler) is DDIMScheduler and pipe.vae_scale_factor == 4
     lat = torch.randn(1, 4, 4, 4, generator=gen(2))
     args = dict(prompt="a bold two", negative_prompt="a thin five", latents=lat, output_type='pt', **KW)
@@ -163,7 +163,7 @@ def test_other_samplers_match_diffusers(from_diffusers, sched):
     "Stochastic (DDPM, DDIM eta>0) and sigma-based (Euler, DPM-Solver++) samplers: same generator, same images, txt2img and img2img."
     import minisd.schedulers as ms
     dp, d = from_diffusers
-    pipe = StableDiffusion.from_pretrained(d); pipe.show_progress = False
+    pipe = StableDiffusion.from_pretrained(d); pipe.set_progress_bar_config(disable=True)
     name, extra = SAMPLERS[sched]
     if not hasattr(ms, name): pytest.skip(f'minisd has no {name}')
     pipe.scheduler = getattr(ms, name).from_config(SCHED)
@@ -178,7 +178,7 @@ def test_other_samplers_match_diffusers(from_diffusers, sched):
 
 def test_img2img_matches_diffusers_rgb(from_diffusers):
     dp, d = from_diffusers
-    pipe = StableDiffusion.from_pretrained(d); pipe.show_progress = False
+    pipe = StableDiffusion.from_pretrained(d); pipe.set_progress_bar_config(disable=True)
     di = diffusers.StableDiffusionImg2ImgPipeline(**dp.components); di.set_progress_bar_config(disable=True)
     x = torch.rand(2, 3, 16, 16, generator=gen(4))
     args = dict(prompt=["a neat four", "six"], image=x, strength=0.7, output_type='pt', num_inference_steps=4, guidance_scale=4.0)
@@ -258,12 +258,12 @@ def test_truncation_warning(saved1):
 
 def test_roundtrip_identical(saved1, tmp_path):
     pipe, d = saved1
-    pipe2 = StableDiffusion.from_pretrained(d); pipe2.show_progress = False
+    pipe2 = StableDiffusion.from_pretrained(d); pipe2.set_progress_bar_config(disable=True)
     for k, v in pipe.unet.state_dict().items(): assert torch.equal(v, pipe2.unet.state_dict()[k])
     args = dict(prompt="a bold two", negative_prompt="six", generator=gen(5), output_type='pt', **KW)
     assert torch.equal(pipe(**args), pipe2(**{**args, 'generator': gen(5)}))
     pipe2.save_pretrained(tmp_path)   # and again
-    pipe3 = StableDiffusion.from_pretrained(tmp_path); pipe3.show_progress = False
+    pipe3 = StableDiffusion.from_pretrained(tmp_path); pipe3.set_progress_bar_config(disable=True)
     assert torch.equal(pipe(**{**args, 'generator': gen(5)}), pipe3(**{**args, 'generator': gen(5)}))
 
 def test_fp16_variant(saved1, tmp_path):
@@ -287,7 +287,7 @@ def test_bin_weights(saved1, tmp_path):
     pipe.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path/'unet/diffusion_pytorch_model.bin').is_file() and (tmp_path/'text_encoder/pytorch_model.bin').is_file()
     assert not list(tmp_path.rglob('*.safetensors'))
-    pipe2 = StableDiffusion.from_pretrained(tmp_path); pipe2.show_progress = False
+    pipe2 = StableDiffusion.from_pretrained(tmp_path); pipe2.set_progress_bar_config(disable=True)
     args = dict(prompt="six", generator=gen(2), output_type='pt', **KW)
     assert torch.equal(pipe(**args), pipe2(**{**args, 'generator': gen(2)}))
     dp = diffusers_load(tmp_path)   # diffusers reads the .bin layout too
@@ -366,7 +366,7 @@ def test_from_pretrained_dispatch(saved1, tmp_path, monkeypatch):
     import minisd.checkpoints as ck
     _, d = saved1
     calls = {}
-    monkeypatch.setattr(ck, 'load_single_file', lambda p, **kw: calls.setdefault('single', (p, kw)))
+    monkeypatch.setattr(ck, 'load_single_file', lambda p, **kw: calls.setdefault('single', (p, kw)) and ck.load_pipeline_folder(d))
     monkeypatch.setattr(ck, 'download', lambda repo, variant=None: calls.setdefault('hub', (repo, variant)) and d)
     f = tmp_path/'model.safetensors'; f.write_bytes(b'')
     StableDiffusion.from_pretrained(f, torch_dtype=torch.float16)
@@ -391,7 +391,7 @@ def test_scheduler_class_from_model_index(saved1, tmp_path):
 def test_cuda_fp16_matches_diffusers(saved1):
     "On a GPU in fp16, with a CPU generator: the same images as diffusers (fp16 tolerance)."
     _, d = saved1
-    pipe = StableDiffusion.from_pretrained(d, torch_dtype=torch.float16, device='cuda'); pipe.show_progress = False
+    pipe = StableDiffusion.from_pretrained(d, torch_dtype=torch.float16, device='cuda'); pipe.set_progress_bar_config(disable=True)
     dp = diffusers.StableDiffusionPipeline.from_pretrained(d, safety_checker=None, torch_dtype=torch.float16).to('cuda')
     dp.set_progress_bar_config(disable=True)
     assert pipe.device.type == 'cuda' and pipe.dtype == torch.float16
@@ -404,3 +404,33 @@ def test_cuda_fp16_matches_diffusers(saved1):
     theirs = diffusers.StableDiffusionImg2ImgPipeline(**dp.components)(**{**args, 'negative_prompt': ["a bold two"] * 2},
                                                                          image=x[None], strength=0.5, generator=gen(2)).images
     assert_close(ours, theirs.float(), atol=2e-2, rtol=0)
+
+def test_callback_on_step_end_matches_diffusers(from_diffusers):
+    "diffusers' `callback_on_step_end`: same arguments at every step, and the latents it returns replace the pipeline's."
+    _, d = from_diffusers
+    dp = diffusers_load(d)   # fresh: other tests swap the shared one's scheduler
+    pipe = StableDiffusion.from_pretrained(d); pipe.set_progress_bar_config(disable=True)
+    def make(log):
+        def cb(p, i, t, kw):
+            log.append((i, int(t), kw['latents'].clone()))
+            return {'latents': kw['latents'] * 0.5} if i == 1 else kw
+        return cb
+    ours_log, ref_log = [], []
+    lat = torch.randn(1, 4, 4, 4, generator=gen(3))
+    args = dict(prompt="a bold two", latents=lat, output_type='pt', **KW)
+    ours = pipe(**args, callback_on_step_end=make(ours_log), callback_on_step_end_tensor_inputs=['latents'])
+    ref = dp(**args, callback_on_step_end=make(ref_log), callback_on_step_end_tensor_inputs=['latents']).images
+    assert [(i, t) for i, t, _ in ours_log] == [(i, t) for i, t, _ in ref_log] and len(ours_log) == KW['num_inference_steps']
+    for (_, _, a), (_, _, b) in zip(ours_log, ref_log): assert_close(a, b, **ATOL)
+    assert_close(ours, ref, **ATOL)
+    assert not torch.allclose(ours, pipe(**args))   # the halved latents changed the result
+
+def test_cross_attention_kwargs_reach_the_unet(saved1, monkeypatch):
+    "Passed to the U-Net only when given (the U-Net side of LoRA scaling lives in the U-Net)."
+    pipe, _ = saved1
+    seen = []
+    forward = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, 'forward', lambda *a, **kw: seen.append(kw.get('cross_attention_kwargs', 'absent')) or forward(*a, **{k: v for k, v in kw.items() if k != 'cross_attention_kwargs'}))
+    pipe("a bold two", num_inference_steps=2, output_type='latent')
+    pipe("a bold two", num_inference_steps=2, output_type='latent', cross_attention_kwargs={'scale': 0.5})
+    assert seen == ['absent', 'absent', {'scale': 0.5}, {'scale': 0.5}]

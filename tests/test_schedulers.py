@@ -349,3 +349,71 @@ def test_return_tuple_and_device_arg():
     prev, x0 = s.step(rand(0), s.timesteps[0], rand(1), return_dict=False)
     assert prev.shape == x0.shape == SHAPE
     assert len(s) == 1000 and s.order == 1
+
+# ---------------------------------------------------------------- one step signature, presets
+COMMON_STEP_KEYWORDS = ['model_output', 'timestep', 'sample', 'generator', 'eta', 'use_clipped_model_output', 'return_dict',
+                        'variance_noise']
+
+@pytest.mark.parametrize('name', ALL)
+def test_step_takes_the_common_keywords(name):
+    "Every step has the shared parameters (same kind, same default), and keywords that do not apply change nothing."
+    shared, ps = inspect.signature(ms.NoiseScheduler.step).parameters, inspect.signature(getattr(ms, name).step).parameters
+    assert list(shared) == ['self'] + COMMON_STEP_KEYWORDS
+    assert [k for k in ps if k in shared] == list(shared)  # same order: positional calls mean the same everywhere
+    for k in COMMON_STEP_KEYWORDS: assert (ps[k].kind, ps[k].default) == (shared[k].kind, shared[k].default), k
+    a, b = getattr(ms, name).sd15(), getattr(ms, name).sd15()
+    a.set_timesteps(6); b.set_timesteps(6)
+    xa = xb = rand(0) * a.init_noise_sigma
+    for i, t in enumerate(a.timesteps):
+        mo = rand(100 + i)
+        a.scale_model_input(xa, t); b.scale_model_input(xb, t)
+        oa = a.step(mo, t, xa, generator=torch.Generator().manual_seed(i))
+        ob = b.step(mo, t, xb, generator=torch.Generator().manual_seed(i), eta=0.0, use_clipped_model_output=False, return_dict=True)
+        assert torch.equal(oa.prev_sample, ob.prev_sample) and torch.equal(oa.pred_original_sample, ob.pred_original_sample)
+        xa, xb = oa.prev_sample, ob.prev_sample
+    if name != 'DDIMScheduler':  # eta and use_clipped_model_output are DDIM's: the others ignore them
+        c = getattr(ms, name).sd15(); c.set_timesteps(6); x = rand(0) * c.init_noise_sigma
+        d = getattr(ms, name).sd15(); d.set_timesteps(6)
+        for i, t in enumerate(c.timesteps):
+            mo = rand(100 + i)
+            c.scale_model_input(x, t); d.scale_model_input(x, t)
+            p = c.step(mo, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+            q = d.step(mo, t, x, generator=torch.Generator().manual_seed(i), eta=0.7, use_clipped_model_output=True).prev_sample
+            assert torch.equal(p, q)
+            x = p
+    e = getattr(ms, name).sd15(); e.set_timesteps(6)
+    x, t = rand(0) * e.init_noise_sigma, e.timesteps[0]
+    e.scale_model_input(x, t)
+    prev, x0 = e.step(rand(1), t, x, return_dict=False)
+    assert prev.shape == x0.shape == SHAPE
+
+def test_ddim_eta_applies():
+    s = ms.DDIMScheduler.sd15(); s.set_timesteps(10)
+    t, x, mo = s.timesteps[3], rand(0), rand(1)
+    p0 = s.step(mo, t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    p1 = s.step(mo, t, x, generator=torch.Generator().manual_seed(0), eta=1.0).prev_sample
+    assert not torch.allclose(p0, p1)
+    with pytest.raises(ValueError, match='not both'):
+        s.step(mo, t, x, generator=torch.Generator(), eta=1.0, variance_noise=rand(2))
+
+def test_euler_churn_noise_given_explicitly():
+    "Euler's churn noise may be given as `variance_noise`, like the other schedulers' noise."
+    a, b = ms.EulerDiscreteScheduler(), ms.EulerDiscreteScheduler()
+    a.set_timesteps(10); b.set_timesteps(10)
+    x, mo, churn = rand(0) * a.init_noise_sigma, rand(1), dict(s_churn=5.0)
+    t = a.timesteps[0]
+    pa = a.step(mo, t, x, generator=torch.Generator().manual_seed(3), **churn).prev_sample
+    pb = b.step(mo, t, x, variance_noise=torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)), **churn).prev_sample
+    assert torch.equal(pa, pb)
+    with pytest.raises(TypeError): a.step(mo, a.timesteps[1], x, no_such_keyword=1)
+
+@pytest.mark.parametrize('preset', ['sd15', 'sd21'])
+@pytest.mark.parametrize('name', ALL)
+def test_presets_match_diffusers(name, preset):
+    "`X.sd15()` / `X.sd21()` equal diffusers' `X.from_config(...)` of the same Stable Diffusion scheduler_config.json."
+    ours = getattr(getattr(ms, name), preset)()
+    theirs = getattr(diffusers, name).from_config(ms.SCHEDULER_PRESETS[preset])
+    names = [k for k in inspect.signature(getattr(diffusers, name).__init__).parameters if k != 'self']
+    assert dict(ours.config) == {k: theirs.config[k] for k in names}
+    assert ours.config.beta_schedule == 'scaled_linear' and ours.config.prediction_type == ('v_prediction' if preset == 'sd21' else 'epsilon')
+    close(ours.alphas_cumprod, theirs.alphas_cumprod, rtol=0, atol=0)

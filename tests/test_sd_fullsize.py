@@ -101,7 +101,7 @@ def test_sd21_unet_full_size():
 
 def test_sd_vae_full_size_encode():
     "The SD VAE encoder at full size: posterior mean and log-variance of a 1x3x256x256 image (-> 1x4x32x32)."
-    cfg = VAEConfig.sd()
+    cfg = VAEConfig.sd15()
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKL.from_config(cfg.to_dict()).eval()
     ours = share(AutoencoderKL, cfg, ref)
@@ -123,7 +123,7 @@ def test_pipeline_full_size_two_ddim_steps(version, tmp_path):
     tok.save_pretrained(tmp_path)
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel.from_config(UNETS[version]().to_dict()).eval()
-    vae = diffusers.AutoencoderKL.from_config(VAEConfig.sd().to_dict()).eval()
+    vae = diffusers.AutoencoderKL.from_config(VAEConfig.sd15().to_dict()).eval()
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT[version]().to_dict())).eval()
     sched = dict(SCHED, prediction_type=PREDICTION[version])
     dp = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=transformers.CLIPTokenizer.from_pretrained(tmp_path),
@@ -133,7 +133,7 @@ def test_pipeline_full_size_two_ddim_steps(version, tmp_path):
     pipe = StableDiffusion(share(UNet, UNetConfig.from_dict(dict(unet.config)), unet),
                            share(AutoencoderKL, VAEConfig.from_dict(dict(vae.config)), vae),
                            share(CLIPTextModel, TEXT[version](), text), CLIPTokenizer.from_pretrained(tmp_path), DDIMScheduler(**sched))
-    pipe.show_progress = False
+    pipe.set_progress_bar_config(disable=True)
     assert pipe.tokenizer('a red cube').tolist() == dp.tokenizer('a red cube', padding='max_length', return_tensors='pt').input_ids.tolist()
     kw = dict(prompt='a photograph of an astronaut riding a horse', negative_prompt='a red cube', num_inference_steps=2,
               guidance_scale=7.5, height=64, width=64, output_type='pt')

@@ -56,7 +56,7 @@ def test_config_round_trip(name):
     assert VAEConfig.from_dict(cfg.to_dict()) == cfg
 
 def test_sd_preset_layout():
-    cfg = VAEConfig.sd()
+    cfg = VAEConfig.sd15()
     assert (cfg.in_channels, cfg.latent_channels, cfg.block_out_channels, cfg.scaling_factor) == (3, 4, (128, 256, 512, 512), 0.18215)
     with torch.device('meta'):
         ours, ref = AutoencoderKL(cfg), diffusers.AutoencoderKL.from_config(cfg.to_dict())
@@ -117,7 +117,7 @@ def test_errors():
 @pytest.mark.slow
 def test_sd_vae_full_size_decode():
     "The SD VAE at full size with random weights: decode a 1x4x32x32 latent (-> 1x3x256x256)."
-    cfg = VAEConfig.sd()
+    cfg = VAEConfig.sd15()
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKL.from_config(cfg.to_dict()).eval()
     with torch.device('meta'): ours = AutoencoderKL(cfg)
