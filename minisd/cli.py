@@ -4,14 +4,16 @@
 
 # %% ../nbs/16_cli.ipynb #067ee389
 from __future__ import annotations
-import argparse, sys
+import argparse, json, sys
 from pathlib import Path
+import numpy as np
 import torch
 from PIL import Image
 from .core import default_device, atomic_write, image_grid
 
 # %% auto #0
-__all__ = ['DTYPES', 'build_parser', 'save_image', 'CLIError', 'generate', 'train', 'main']
+__all__ = ['DTYPES', 'IMAGE_EXTENSIONS', 'TRAINING_COMMANDS', 'build_parser', 'save_image', 'CLIError', 'generate', 'train',
+           'main', 'load_image_folder', 'finetune_cmd', 'textual_inversion_cmd', 'dreambooth_cmd']
 
 # %% ../nbs/16_cli.ipynb #a3a426b1
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -30,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message): self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")  # one line, no usage dump
 
 def build_parser() -> argparse.ArgumentParser:
-    "The `minisd` argument parser, with subcommands `train-mnist` and `generate`."
+    "The `minisd` argument parser, with subcommands `train-mnist`, `generate` and the training commands (below)."
     p = _Parser(prog='minisd', description='Stable Diffusion from scratch: train it on MNIST, generate images.')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
     t = sub.add_parser('train-mnist', help='train VAE, CLIP and U-Net on MNIST and save the pipeline (resumable)')
@@ -55,7 +57,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--strength', type=_strength, default=0.8, help='img2img: how much to change the image, in [0, 1] (default: 0.8)')
     g.add_argument('--device', help='cpu, cuda, mps (default: the best available)')
     g.add_argument('--dtype', choices=['auto', *DTYPES], default='auto', help='model precision (default: float16 on CUDA, else float32)')
+    _add_training_commands(sub)
     return p
+
+# %% ../nbs/16_cli.ipynb #0533e21f
+def _add_training_commands(sub):
+    "The subcommands `finetune`, `textual-inversion` and `dreambooth` (all resumable from `--out`/checkpoints)."
+    def common(p, what):
+        p.add_argument('--model', required=True, help='the pipeline folder to start from (e.g. from `minisd train-mnist`)')
+        p.add_argument('--data', required=True, help=f'folder of {what}')
+        p.add_argument('--out', required=True, help='output folder (checkpoints/ inside: run again to resume)')
+        p.add_argument('--lr', type=float, help='peak learning rate (default: the lesson\'s)')
+        p.add_argument('--bs', type=_positive, help='batch size (default: the lesson\'s)')
+        p.add_argument('--seed', type=int, default=0)
+        p.add_argument('--device', help='cpu, cuda, mps (default: the best available)')
+    f = sub.add_parser('finetune', help='fine-tune the U-Net (and text encoder) on captioned images (lesson 18)')
+    common(f, 'images with captions (metadata.jsonl with file_name/text, or NAME.txt beside each image)')
+    f.add_argument('--epochs', type=_positive, default=5, help='passes over the images (default: 5)')
+    f.add_argument('--train-text-encoder', action='store_true', help='also train the text encoder')
+    t = sub.add_parser('textual-inversion', help='learn a new token from a few images (lesson 19)')
+    common(t, 'a few example images (3-10)')
+    t.add_argument('--token', required=True, help="the new token, e.g. '<my-style>'")
+    t.add_argument('--initializer-token', required=True, help='an existing single token to start from')
+    t.add_argument('--prompt', default='a handwritten {}', help="training prompt; '{}' becomes the token (default: 'a handwritten {}')")
+    t.add_argument('--steps', type=_positive, help='training steps (default: the lesson\'s)')
+    d = sub.add_parser('dreambooth', help='teach a subject from a few images, with prior preservation (lesson 24)')
+    common(d, 'instance images (3-8)')
+    d.add_argument('--instance-prompt', required=True, help="e.g. 'a handwritten sks seven'")
+    d.add_argument('--class-prompt', help="e.g. 'a handwritten seven' (needed unless --prior-loss-weight 0)")
+    d.add_argument('--prior-loss-weight', type=float, default=1.0, help='weight of the class images\' loss (default: 1; 0: no prior)')
+    d.add_argument('--num-class-images', type=_positive, default=100, help='class images drawn before training (default: 100)')
+    d.add_argument('--steps', type=_positive, help='training steps (default: the lesson\'s)')
 
 # %% ../nbs/16_cli.ipynb #b77d2d5f
 def save_image(img:Image.Image, path) -> Path:
@@ -107,11 +139,113 @@ def main(argv:list[str]|None=None) -> int: # arguments (default: `sys.argv[1:]`)
     args = build_parser().parse_args(argv)
     try:
         if args.command == 'generate': print(f"saved {generate(args)}")
-        else: print(f"saved the pipeline to {train(args)}")
+        elif args.command == 'train-mnist': print(f"saved the pipeline to {train(args)}")
+        else: print(f"saved {TRAINING_COMMANDS[args.command](args)}")
     except (CLIError, OSError, ValueError, RuntimeError) as e:  # missing/corrupted files, bad values, no network
         print(f"minisd {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"minisd {args.command}: interrupted" + (" (run the same command again to resume)" if args.command == 'train-mnist' else ''), file=sys.stderr)
+        print(f"minisd {args.command}: interrupted" + (" (run the same command again to resume)" if args.command != 'generate' else ''), file=sys.stderr)
         return 130
     return 0
+
+# %% ../nbs/16_cli.ipynb #04c09db8
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.gif', '.tif', '.tiff')
+
+def _folder_captions(folder:Path) -> dict:
+    "Captions by file name from the folder's `metadata.jsonl` (diffusers' ImageFolder: `file_name`, `text`), if any."
+    f = folder / 'metadata.jsonl'
+    if not f.exists(): return {}
+    out = {}
+    for i, line in enumerate(f.read_text(encoding='utf-8').splitlines(), 1):
+        if not line.strip(): continue
+        try: d = json.loads(line); out[d['file_name']] = d['text']
+        except (ValueError, KeyError, TypeError): raise CLIError(f"{f}, line {i}: expected {{\"file_name\": ..., \"text\": ...}}, got {line[:80]!r}") from None
+    return out
+
+def load_image_folder(folder, # a folder of images
+                      channels:int, # channels the pipeline's VAE takes: 1 (grayscale) or 3 (RGB)
+                      size:int, # resize the shorter side to this and centre-crop a square
+                      captions:bool=False): # also read one caption per image (metadata.jsonl, or <name>.txt)
+    "The images of `folder`, sorted by name, as `(N, channels, size, size)` in [0, 1] (and their captions)."
+    folder = Path(folder)
+    if not folder.is_dir(): raise CLIError(f"image folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files: raise CLIError(f"no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    meta = _folder_captions(folder) if captions else {}
+    ims, caps = [], []
+    for f in files:
+        try: im = Image.open(f); im.load()
+        except (OSError, ValueError) as e: raise CLIError(f"can't read image {f}: {e}") from None
+        if im.mode == 'P': im = im.convert('RGBA' if 'transparency' in im.info else 'RGB')
+        c = len(im.getbands())
+        if c != channels:
+            raise CLIError(f"{f} has {c} channel{'s' if c != 1 else ''} (mode {im.mode}) but the pipeline takes {channels} "
+                           f"({'grayscale' if channels == 1 else 'RGB' if channels == 3 else 'channels'}): convert the images first")
+        s = size / min(im.size)
+        im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
+        l, t = (im.width - size) // 2, (im.height - size) // 2
+        x = torch.from_numpy(np.asarray(im.crop((l, t, l + size, t + size)), dtype=np.float32) / 255)
+        ims.append(x[None] if x.ndim == 2 else x.permute(2, 0, 1))
+        if captions:
+            txt = f.with_suffix('.txt')
+            if f.name in meta: caps.append(meta[f.name])
+            elif txt.exists(): caps.append(txt.read_text(encoding='utf-8').strip())
+            else: raise CLIError(f"no caption for {f.name}: add it to {folder / 'metadata.jsonl'} or write {txt.name} beside it")
+    x = torch.stack(ims)
+    return (x, caps) if captions else x
+
+# %% ../nbs/16_cli.ipynb #f8dac42f
+def _load_for_training(args):
+    "The pipeline of `--model` on `--device`, in float32, and its image channels and size."
+    from minisd.pipeline import StableDiffusion
+    if not Path(args.model).is_dir(): raise CLIError(f"model not found: {args.model} (a pipeline folder, e.g. from `minisd train-mnist --out DIR`)")
+    device, _ = _device_dtype(args.device, 'float32')
+    pipe = StableDiffusion.from_pretrained(args.model, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return pipe, pipe.vae.config.in_channels, size[0] if isinstance(size, (list, tuple)) else size
+
+def _opt(args, **kw) -> dict:
+    "The keyword arguments given on the command line (the others keep the function's defaults)."
+    return {k: v for k, v in kw.items() if v is not None}
+
+def finetune_cmd(args) -> Path:
+    "Run `minisd finetune`: fine-tune on a captioned image folder, save the pipeline to `--out`."
+    from minisd.core import seed_everything
+    from minisd.finetune import finetune
+    pipe, c, size = _load_for_training(args)
+    x, caps = load_image_folder(args.data, c, size, captions=True)
+    seed_everything(args.seed)
+    finetune(pipe, x, caps, epochs=args.epochs, train_text_encoder=args.train_text_encoder,
+             ckpt=Path(args.out) / 'checkpoints' / 'finetune.safetensors', **_opt(args, lr=args.lr, bs=args.bs))
+    pipe.save_pretrained(args.out)
+    return Path(args.out)
+
+def textual_inversion_cmd(args) -> Path:
+    "Run `minisd textual-inversion`: learn `--token` from an image folder, save `learned_embeds.safetensors` in `--out`."
+    from minisd.core import seed_everything
+    from minisd.ti_training import train_textual_inversion, save_learned_embeds
+    pipe, c, size = _load_for_training(args)
+    x = load_image_folder(args.data, c, size)
+    seed_everything(args.seed)
+    vec = train_textual_inversion(pipe, x, args.token, args.initializer_token, args.prompt,
+                                  ckpt=Path(args.out) / 'checkpoints' / 'textual_inversion.safetensors',
+                                  **_opt(args, steps=args.steps, lr=args.lr, bs=args.bs))
+    return save_learned_embeds({args.token: vec}, args.out)
+
+def dreambooth_cmd(args) -> Path:
+    "Run `minisd dreambooth`: fine-tune the U-Net on the instance images (with the class prior), save the pipeline to `--out`."
+    from minisd.core import seed_everything
+    from minisd.dreambooth import train_dreambooth
+    if args.prior_loss_weight and not args.class_prompt: raise CLIError("--class-prompt is needed for prior preservation (or give --prior-loss-weight 0)")
+    pipe, c, size = _load_for_training(args)
+    x = load_image_folder(args.data, c, size)
+    seed_everything(args.seed)
+    train_dreambooth(pipe, x, args.instance_prompt, args.class_prompt, num_class_images=args.num_class_images,
+                     prior_loss_weight=args.prior_loss_weight, ckpt=Path(args.out) / 'checkpoints' / 'dreambooth.safetensors',
+                     seed=args.seed, **_opt(args, steps=args.steps, lr=args.lr, bs=args.bs))
+    pipe.save_pretrained(args.out)
+    return Path(args.out)
+
+TRAINING_COMMANDS = {'finetune': finetune_cmd, 'textual-inversion': textual_inversion_cmd, 'dreambooth': dreambooth_cmd}
