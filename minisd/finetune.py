@@ -16,25 +16,14 @@ from .ddpm import ddpm_loss
 from .schedulers import DDPMScheduler
 from .metrics import prompt_accuracy
 from .pipeline import StableDiffusion
-from .train import encode_latents, fit_stage, train_mnist, MnistRecipe
+from .train import encode_latents, fit_stage, mnist_pipeline, _mnist_pipeline_dir, _file_lock
 
 # %% auto #0
 __all__ = ['ATTRIBUTES', 'STYLE_FT', 'slant', 'shear', 'thickness', 'attribute_words', 'attribute_captions', 'generate_digits',
            'digit_style', 'image_latents', 'repeat_for_steps', 'finetune_step', 'finetune', 'style_cache_dir',
            'style_pipeline']
 
-# %% ../nbs/18_finetune.ipynb #ed97754d
-def _cache_root() -> Path: return Path(os.environ.get('MINISD_CACHE', Path.home() / '.cache' / 'minisd'))
-
-def _base_pipeline() -> StableDiffusion:
-    "Lesson 13's pipeline, trained once into the cache (a seconds-long one under `nbdev_test`)."
-    out = _cache_root() / ('mnist-fast' if in_test() else 'mnist')
-    if (out / 'model_index.json').exists(): pipe = StableDiffusion.from_pretrained(out)
-    else: pipe = train_mnist(out, MnistRecipe.fast() if in_test() else MnistRecipe(), progress=False)
-    pipe.show_progress = False
-    return pipe
-
-# %% ../nbs/18_finetune.ipynb #03a8724c
+# %% ../nbs/18_finetune.ipynb #c811ea24
 def _moments(x:torch.Tensor) -> tuple: # (N, 1, H, W) ink in [0, 1]
     "Central second moments `(mu02, mu11)` `(N,)` of each image's ink (y down, x right)."
     x = x.float().flatten(0, -3)                                          # (N, H, W)
@@ -50,7 +39,7 @@ def slant(x:torch.Tensor) -> torch.Tensor: # (N, 1, H, W) digits, ink in [0, 1] 
     mu02, mu11 = _moments(x)
     return -mu11 / mu02.clamp_min(1e-6)
 
-# %% ../nbs/18_finetune.ipynb #8efafd9c
+# %% ../nbs/18_finetune.ipynb #31dedb21
 def shear(x:torch.Tensor, # (N, C, H, W) images, background 0
           s:float|torch.Tensor) -> torch.Tensor: # pixels moved right per row up (per image, or one for all)
     "Shear images about their centre: positive `s` leans them right."
@@ -62,14 +51,14 @@ def shear(x:torch.Tensor, # (N, C, H, W) images, background 0
     grid = F.affine_grid(theta, x.shape, align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode='zeros')
 
-# %% ../nbs/18_finetune.ipynb #fbc7baaa
+# %% ../nbs/18_finetune.ipynb #3b62a2ec
 def thickness(x:torch.Tensor) -> torch.Tensor: # (N, 1, H, W) digits, ink in [0, 1] on a 0 background
     "Stroke width of each digit in pixels `(N,)`: 2 * ink / outline length (total variation)."
     x = x.float().flatten(0, -3)                                         # (N, H, W)
     outline = (x[:, :, 1:] - x[:, :, :-1]).abs().sum((-2, -1)) + (x[:, 1:] - x[:, :-1]).abs().sum((-2, -1))
     return 2 * x.sum((-2, -1)) / outline.clamp_min(1e-6)
 
-# %% ../nbs/18_finetune.ipynb #c217363f
+# %% ../nbs/18_finetune.ipynb #ebaad64b
 ATTRIBUTES = {  # name: (measure, (word below lo, word above hi), (lo, hi)); lo/hi ~ terciles of the training digits
     'thickness': (thickness, ('thin', 'thick'), (1.75, 2.15)),
     'slant': (slant, ('upright', 'slanted'), (0.0, 0.25)),
@@ -82,7 +71,7 @@ def attribute_words(x:torch.Tensor) -> list[tuple]: # (N, 1, H, W) digits in [0,
         cols.append([lo_word if v < lo else hi_word if v > hi else None for v in measure(x).tolist()])
     return list(zip(*cols))
 
-# %% ../nbs/18_finetune.ipynb #5cf5f4e3
+# %% ../nbs/18_finetune.ipynb #95b2721f
 def attribute_captions(labels, # (N,) digits
                        words:list[tuple], # per digit, its attribute words (None: no word), from `attribute_words`
                        generator:torch.Generator|None=None) -> list[list[str]]: # draws the plain phrasing
@@ -96,7 +85,7 @@ def attribute_captions(labels, # (N,) digits
         out.append([f"a handwritten {k_} {DIGIT_WORDS[d]}" for k_ in kept] + [plain[k]])
     return out
 
-# %% ../nbs/18_finetune.ipynb #050f98b6
+# %% ../nbs/18_finetune.ipynb #b6293aab
 @torch.no_grad()
 def generate_digits(pipe:StableDiffusion, prompts:list[str], n:int=10, # samples per prompt
                     num_inference_steps:int=25, guidance_scale:float=5.0, seed:int=0) -> torch.Tensor:
@@ -112,7 +101,7 @@ def digit_style(pipe:StableDiffusion, template:str='a handwritten {}', # '{}' be
     ims = generate_digits(pipe, [template.format(w) for w in DIGIT_WORDS], n, seed=seed, **kwargs)
     return measure(ims).view(10, n).mean(1), prompt_accuracy(ims, torch.arange(10).repeat_interleave(n)), ims
 
-# %% ../nbs/18_finetune.ipynb #81906143
+# %% ../nbs/18_finetune.ipynb #8339d9ff
 def image_latents(pipe:StableDiffusion, images:torch.Tensor) -> tuple: # (N, C, H, W) in [0, 1]
     "Scaled latent posterior means and stds `(N, c, h, w)` of `images` under `pipe`'s VAE (what the U-Net trains on)."
     c_in = pipe.vae.config.in_channels
@@ -130,7 +119,7 @@ def repeat_for_steps(steps:int, bs:int, *arrays) -> tuple: # arrays of the same 
     r = math.ceil(steps * bs / n)
     return tuple(a.repeat(r, *[1] * (a.ndim - 1))[:steps * bs] for a in arrays)
 
-# %% ../nbs/18_finetune.ipynb #4bba7c22
+# %% ../nbs/18_finetune.ipynb #8496d1bf
 def _caption_table(captions:list) -> tuple:
     "Unique captions, an `(N, K)` table of indices into them (-1 padded) and the number of alternatives per image `(N,)`."
     alts = [[c] if isinstance(c, str) else list(c) for c in captions]
@@ -149,7 +138,7 @@ class _UNetAndText(nn.Module):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
 
-# %% ../nbs/18_finetune.ipynb #aa13fa27
+# %% ../nbs/18_finetune.ipynb #4bba7c22
 def finetune_step(scheduler, # the training noise schedule (DDPM)
                   ids:torch.Tensor, # (U, 77) token ids of the unique captions
                   uncond_ids:torch.Tensor, # (77,) token ids of ""
@@ -170,7 +159,7 @@ def finetune_step(scheduler, # the training noise schedule (DDPM)
         return ddpm_loss(learn.model.unet, scheduler, z, encoder_hidden_states=ehs)
     return step
 
-# %% ../nbs/18_finetune.ipynb #133001fc
+# %% ../nbs/18_finetune.ipynb #aa13fa27
 def finetune(pipe:StableDiffusion, images:torch.Tensor, # (N, C, H, W) in [0, 1], the pipeline's image size
              captions:list, # per image: a caption, or a list of alternatives (one drawn each time)
              epochs:int=5, lr:float=1e-3, bs:int=128,
@@ -196,36 +185,35 @@ def finetune(pipe:StableDiffusion, images:torch.Tensor, # (N, C, H, W) in [0, 1]
     te.requires_grad_(False).eval()
     return pipe
 
-STYLE_FT = dict(epochs=5, lr=1e-3, train_text_encoder=True)  # the settings this lesson measured
+STYLE_FT = dict(epochs=10, lr=2e-3, train_text_encoder=True)  # the settings this lesson measured
 
-# %% ../nbs/18_finetune.ipynb #19802a77
-def style_cache_dir() -> Path:
-    "Where `style_pipeline` keeps its folder: `$MINISD_CACHE` (default ~/.cache/minisd) / mnist-style."
-    return _cache_root() / ('mnist-style-fast' if in_test() else 'mnist-style')
+# %% ../nbs/18_finetune.ipynb #ce603e05
+def style_cache_dir(cache_dir=None) -> Path: # default `$MINISD_CACHE`, else `~/.cache/minisd`
+    "The folder of `style_pipeline`'s pipeline, beside `mnist_pipeline`'s."
+    return _mnist_pipeline_dir(cache_dir).parent / ('mnist_style_fast' if in_test() else 'mnist_style')
 
-def _save_folder(pipe:StableDiffusion, out:Path):
-    "Save `pipe` to a temporary sibling folder, then rename it to `out` (a reader never sees half a pipeline)."
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.'))
-    pipe.save_pretrained(tmp)
-    try: os.replace(tmp, out)
-    except OSError:   # another process saved it first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / 'model_index.json').exists(): raise
+def _save_once(pipe:StableDiffusion, out:Path):
+    "Save `pipe` as `out` through a temporary sibling folder, unless `out` holds a pipeline already (then keep it)."
+    if (out / 'model_index.json').is_file(): return
+    partial = out.with_name(out.name + '.partial')
+    pipe.save_pretrained(partial)
+    if out.exists(): shutil.rmtree(out)   # an incomplete folder left by something else
+    os.replace(partial, out)
 
-def style_pipeline(cache_dir=None, # default: `MINISD_CACHE` (or ~/.cache/minisd), then mnist-style
-                   base:StableDiffusion|None=None, # the pipeline to fine-tune (default: lesson 13's, cached)
+def style_pipeline(cache_dir=None, # default `$MINISD_CACHE`, else `~/.cache/minisd`
                    progress:bool=False) -> StableDiffusion:
-    "The MNIST pipeline fine-tuned on attribute captions ('a thick slanted seven'), trained once and cached."
-    cache = Path(cache_dir) if cache_dir is not None else style_cache_dir()
-    if not (cache / 'model_index.json').exists():
-        pipe = base if base is not None else _base_pipeline()
-        x, y = load_mnist('train')
-        x, y = (x[:256], y[:256]) if in_test() else (x, y)
-        seed_everything(0)
-        caps = attribute_captions(y, attribute_words(x), torch.Generator().manual_seed(0))
-        finetune(pipe, F.pad(x, (2, 2, 2, 2)), caps, **({**STYLE_FT, 'epochs': 1} if in_test() else STYLE_FT), progress=progress)
-        _save_folder(pipe, cache)
-    pipe = StableDiffusion.from_pretrained(cache)
-    pipe.show_progress = False
+    "`mnist_pipeline()` fine-tuned on attribute captions ('a handwritten thick slanted seven') as above, trained once then cached."
+    out = style_cache_dir(cache_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out.with_name(out.name + '.lock')):   # notebooks run in parallel: one trains, the others wait
+        if not (out / 'model_index.json').is_file():
+            pipe = mnist_pipeline(cache_dir)
+            x, y = load_mnist('train', source='embedded')
+            n = 256 if in_test() else len(x)
+            seed_everything(0)
+            caps = attribute_captions(y[:n], attribute_words(x[:n]), torch.Generator().manual_seed(0))
+            finetune(pipe, F.pad(x[:n], (2, 2, 2, 2)), caps, **{**STYLE_FT, 'epochs': 1} if in_test() else STYLE_FT, progress=progress)
+            _save_once(pipe, out)
+    pipe = StableDiffusion.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
     return pipe
