@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--strength', type=_strength, default=0.8, help='img2img: how much to change the image, in [0, 1] (default: 0.8)')
     g.add_argument('--device', help='cpu, cuda, mps (default: the best available)')
     g.add_argument('--dtype', choices=['auto', *DTYPES], default='auto', help='model precision (default: float16 on CUDA, else float32)')
+    g.add_argument('--textual-inversion', action='append', default=[], metavar='FILE[:TOKEN]',
+                   help='load a textual inversion embedding (file, folder or hub id; TOKEN: the token to use); repeatable')
     _add_training_commands(sub)
     return p
 
@@ -105,12 +107,23 @@ def _device_dtype(device:str|None, dtype:str):
     if dtype == 'auto': return dev, torch.float16 if dev.type == 'cuda' else torch.float32
     return dev, DTYPES[dtype]
 
+def _not_a_path(s:str) -> bool:
+    "Neither an existing path nor shaped like a hub id `org/name`."
+    return not Path(s).exists() and (Path(s).is_absolute() or s.startswith('.') or s.count('/') != 1)
+
+def _embedding_and_token(s:str) -> tuple[str, str|None]:
+    "`FILE[:TOKEN]` -> (FILE, TOKEN or None); a path that exists as written is never split."
+    f, tok = (s, None) if Path(s).exists() or ':' not in s else s.rsplit(':', 1)
+    if tok == '': raise CLIError(f"--textual-inversion {s!r}: the token after ':' is empty")
+    if _not_a_path(f): raise CLIError(f"--textual-inversion: embedding file not found: {f}")
+    return f, tok
+
 def generate(args) -> Path:
     "Run `minisd generate`: load the pipeline, draw `args.num_images` images, save them (a grid if several)."
     from minisd.pipeline import StableDiffusion
-    p = Path(args.model)
-    if not p.exists() and (p.is_absolute() or args.model.startswith('.') or args.model.count('/') != 1):
+    if _not_a_path(args.model):
         raise CLIError(f"model not found: {args.model} (a pipeline folder such as `minisd train-mnist --out DIR` writes, a checkpoint file, or a hub id org/name)")
+    embeddings = [_embedding_and_token(s) for s in args.textual_inversion]
     init = None
     if args.init_image is not None:
         try: init = Image.open(args.init_image); init.load()
@@ -118,6 +131,7 @@ def generate(args) -> Path:
     device, dtype = _device_dtype(args.device, args.dtype)
     pipe = StableDiffusion.from_pretrained(args.model, torch_dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty())   # a bar in a terminal, no frames in a log file
+    for f, tok in embeddings: pipe.load_textual_inversion(f, token=tok)
     kw = dict(image=init, strength=args.strength) if init is not None else dict(height=args.height, width=args.width)
     ims = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                guidance_scale=args.guidance_scale, num_images_per_prompt=args.num_images,

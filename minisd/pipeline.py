@@ -13,7 +13,7 @@ from PIL import Image
 from fastprogress.fastprogress import progress_bar
 from .core import to_pil, from_pil, randn_tensor, save_json, save_weights
 from .ddpm import sample, apply_guidance
-from . import checkpoints
+from . import checkpoints, textual_inversion
 
 # %% auto #0
 __all__ = ['DIFFUSERS_FORMAT_VERSION', 'weights_name', 'component_config', 'StableDiffusion']
@@ -145,7 +145,7 @@ class StableDiffusion:
                       do_classifier_free_guidance:bool=True, # also return the unconditional embeddings
                       clip_skip:int=0): # use the hidden states this many layers before the last
         "Text embeddings `(B*n, 77, D)` for `prompt`, and the unconditional ones for CFG (or `None`)."
-        prompts = _as_prompt_list(prompt)
+        prompts = self.maybe_convert_prompt(_as_prompt_list(prompt))   # multi-vector textual inversion tokens
         te_dtype = self.text_encoder.dtype
         ids = self.tokenize(prompts).to(self.device)
         cond = self.text_encoder(ids, clip_skip=clip_skip).to(te_dtype).repeat_interleave(num_images_per_prompt, 0)
@@ -157,8 +157,24 @@ class StableDiffusion:
             if len(negative) != len(prompts):
                 raise ValueError(f"`negative_prompt` has {len(negative)} prompts but `prompt` has {len(prompts)}: "
                                  "give one negative prompt per prompt (or a single string for all)")
+        negative = self.maybe_convert_prompt(negative)
         uncond = self.text_encoder(self.tokenize(negative).to(self.device)).to(te_dtype)
         return cond, uncond.repeat_interleave(num_images_per_prompt, 0)
+
+    # -- new words: textual inversion embeddings (`minisd.textual_inversion`), with diffusers' method names
+    def load_textual_inversion(self, pretrained_model_name_or_path, # file, folder, dict, tensor, or a list of them
+                               token:str|list[str]|None=None, # the token(s); default: the file's own
+                               weight_name:str|None=None, **kwargs) -> list[str]: # `tokenizer=`, `text_encoder=`
+        "Add the tokens and vectors of textual inversion embeddings (sd-concepts, A1111, kohya, ...); returns the new tokens."
+        return textual_inversion.load_textual_inversion(self, pretrained_model_name_or_path, token, weight_name, **kwargs)
+
+    def unload_textual_inversion(self, tokens:str|list[str]|None=None, **kwargs): # default: every added token
+        "Remove textual inversion tokens and their rows of the token embedding."
+        textual_inversion.unload_textual_inversion(self, tokens, **kwargs)
+
+    def maybe_convert_prompt(self, prompt:str|list[str], tokenizer=None) -> str|list[str]:
+        "`prompt` with each multi-vector token `tok` written out as `tok tok_1 ... tok_{n-1}` (called by `encode_prompt`)."
+        return textual_inversion.maybe_convert_prompt(prompt, tokenizer or self.tokenizer)
 
     # -- step 2: the starting latents
     def prepare_latents(self, batch_size:int, height:int, width:int,

@@ -112,6 +112,7 @@ class CLIPTokenizer:
         "Install the added tokens (content -> id) and the pattern that finds them in cleaned text."
         self.added_tokens_encoder = dict(added)
         self.added_tokens_decoder = {i: t for t, i in self.added_tokens_encoder.items()}
+        self._n_new = sum(i not in self.decoder for i in self.added_tokens_decoder)   # ids past the vocabulary
         self._added_ids = {clean_text(t): i for t, i in self.added_tokens_encoder.items()}   # matched in lower case
         keys = sorted(self._added_ids, key=len, reverse=True)   # leftmost match, longest token first at a position
         self._added_re = re.compile('(' + '|'.join(map(re.escape, keys)) + ')') if keys else None
@@ -121,7 +122,7 @@ class CLIPTokenizer:
     pad_token_id = property(lambda self: self.encoder[self.pad_token])
     unk_token_id = property(lambda self: self.encoder[self.unk_token])
     vocab_size = property(lambda self: len(self.encoder))   # the base vocabulary, without added tokens (as transformers)
-    def __len__(self): return len(self.encoder) + len(set(self.added_tokens_decoder) - set(self.decoder))
+    def __len__(self): return len(self.encoder) + self._n_new
     def __repr__(self): return f"CLIPTokenizer(vocab_size={self.vocab_size}, added_tokens={len(self.added_tokens_encoder)}, merges={len(self.merges)}, pad_token={self.pad_token!r}, model_max_length={self.model_max_length})"
 
     def bpe(self, word:str) -> list[str]:

@@ -113,6 +113,36 @@ def test_console_script_bad_model(tmp_path):
     assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stderr.count('\n') == 1
 
 
+def test_generate_textual_inversion(run_dir, tmp_path, capsys):
+    "--textual-inversion FILE[:TOKEN], repeatable: a token whose vector is `seven`'s draws `seven`'s image; bad files: one line."
+    from safetensors.torch import save_file
+    from minisd.pipeline import StableDiffusion
+    out, *_ = run_dir
+    p = StableDiffusion.from_pretrained(out)
+    te, tok = p.text_encoder, p.tokenizer
+    assert 'seven</w>' in tok.encoder and 'two</w>' in tok.encoder
+    rows = te.get_input_embeddings().weight.detach()[tok.convert_tokens_to_ids(['seven</w>', 'two</w>'])]
+    (tmp_path/'concept').mkdir()
+    torch.save({'<lucky>': rows[:1]}, tmp_path/'concept'/'learned_embeds.bin')
+    save_file({'emb_params': rows}, tmp_path/'kohya.safetensors')   # two vectors: `<k>` -> `<k> <k>_1`
+    args = ['--model', str(out), '--steps', '3', '--device', 'cpu', '--seed', '3']
+    def run(prompt, name, *extra): return main(['generate', prompt, *args, '--out', str(tmp_path/name), *extra])
+    assert run('a handwritten seven', 'a.png') == 0 and run('a handwritten seven two', 'c.png', '--negative-prompt', 'seven two') == 0
+    assert run('a handwritten <lucky>', 'b.png', '--textual-inversion', str(tmp_path/'concept')) == 0
+    assert run('a handwritten <k>', 'd.png', '--textual-inversion', f"{tmp_path/'kohya.safetensors'}:<k>",
+               '--textual-inversion', str(tmp_path/'concept'), '--negative-prompt', '<k>') == 0
+    im = lambda n: Image.open(tmp_path/n).tobytes()
+    assert im('a.png') == im('b.png'); assert im('c.png') == im('d.png'); assert im('a.png') != im('c.png')
+    assert build_parser().parse_args(['generate', 'x', '--model', 'm']).textual_inversion == []
+    capsys.readouterr()
+    for bad, needle in [(str(tmp_path/'missing.bin'), 'not found'), (str(tmp_path/'kohya.safetensors'), 'token='),
+                        (f"{tmp_path/'kohya.safetensors'}:", 'empty'), (f"{tmp_path/'concept'}:seven</w>", 'already in')]:
+        assert run('x', 'x.png', '--textual-inversion', bad) == 1
+        err = capsys.readouterr().err
+        assert err.startswith('minisd generate: error:') and needle in err and err.count('\n') == 1, err
+    assert not (tmp_path/'x.png').exists()
+
+
 def test_mnist_pipeline_trains_once_then_reuses(tmp_path, monkeypatch):
     "Trained into a `.partial` folder renamed when complete, then loaded without training; IN_TEST has its own folder."
     import minisd.train as tr
