@@ -239,14 +239,15 @@ def finetune_cmd(args) -> Path:
 def textual_inversion_cmd(args) -> Path:
     "Run `minisd textual-inversion`: learn `--token` from an image folder, save `learned_embeds.safetensors` in `--out`."
     from minisd.core import seed_everything
-    from minisd.ti_training import train_textual_inversion, save_learned_embeds
+    from minisd.ti_training import train_textual_inversion
+    from minisd.textual_inversion import save_textual_inversion
     pipe, c, size = _load_for_training(args)
     x = load_image_folder(args.data, c, size)
     seed_everything(args.seed)
-    vec = train_textual_inversion(pipe, x, args.token, args.initializer_token, args.prompt,
+    train_textual_inversion(pipe, x, args.token, args.initializer_token, args.prompt,
                                   ckpt=Path(args.out) / 'checkpoints' / 'textual_inversion.safetensors',
                                   **_opt(args, steps=args.steps, lr=args.lr, bs=args.bs))
-    return save_learned_embeds({args.token: vec}, args.out)
+    return save_textual_inversion(pipe, args.token, args.out)
 
 def dreambooth_cmd(args) -> Path:
     "Run `minisd dreambooth`: fine-tune the U-Net on the instance images (with the class prior), save the pipeline to `--out`."

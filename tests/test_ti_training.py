@@ -8,7 +8,8 @@ from minisd.vae import AutoencoderKL, VAEConfig
 from minisd.clip import CLIPTextModel, CLIPTextConfig
 from minisd.tokenizer import CLIPTokenizer
 from minisd.schedulers import DDIMScheduler
-from minisd.ti_training import train_textual_inversion, save_learned_embeds, add_token
+from minisd.ti_training import train_textual_inversion, add_token
+from minisd.textual_inversion import save_textual_inversion
 
 diffusers = pytest.importorskip('diffusers')
 
@@ -41,7 +42,7 @@ def trained(tmp_path_factory):
     before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     ims = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     vec = train_textual_inversion(pipe, ims, '<my-style>', 'a', 'a handwritten {} digit', steps=6, lr=0.05, bs=3, progress=False)
-    f = save_learned_embeds({'<my-style>': vec}, d / 'emb')
+    f = save_textual_inversion(pipe, '<my-style>', d / 'emb')
     return pipe, before, vec, f, d
 
 def test_only_the_new_row_changes(trained):
