@@ -51,7 +51,7 @@ def train_dreambooth(pipe:StableDiffusion, instance_images:torch.Tensor, # (N, C
                      class_prompt:str|None=None, # e.g. 'a handwritten seven' (needed for the prior)
                      class_images:torch.Tensor|None=None, # (M, C, H, W) in [0, 1]; None: `generate_class_images`
                      num_class_images:int=100, prior_loss_weight:float=1.0,
-                     steps:int=200, lr:float=1e-4, bs:int=4, # bs instance (and bs class) images per step
+                     steps:int=200, lr:float=2e-4, bs:int=4, # bs instance (and bs class) images per step
                      ckpt=None, # resumable checkpoint file
                      device=None, progress:bool=True, seed:int=0) -> StableDiffusion:
     "DreamBooth: fine-tune `pipe`'s U-Net on the subject, with the prior-preservation loss; in place, returns `pipe`."
