@@ -245,8 +245,8 @@ def textual_inversion_cmd(args) -> Path:
     x = load_image_folder(args.data, c, size)
     seed_everything(args.seed)
     train_textual_inversion(pipe, x, args.token, args.initializer_token, args.prompt,
-                                  ckpt=Path(args.out) / 'checkpoints' / 'textual_inversion.safetensors',
-                                  **_opt(args, steps=args.steps, lr=args.lr, bs=args.bs))
+                            ckpt=Path(args.out) / 'checkpoints' / 'textual_inversion.safetensors',
+                            **_opt(args, steps=args.steps, lr=args.lr, bs=args.bs))
     return save_textual_inversion(pipe, args.token, args.out)
 
 def dreambooth_cmd(args) -> Path:

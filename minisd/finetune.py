@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_finetune.ipynb #eecef8d1
 from __future__ import annotations
-import math, os, shutil, tempfile, time
+import math, os, shutil
 from pathlib import Path
 import torch
 import torch.nn as nn

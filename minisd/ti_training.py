@@ -4,12 +4,10 @@
 
 # %% ../nbs/24_ti_training.ipynb #eecef8d1
 from __future__ import annotations
-import math
-from pathlib import Path
 import torch
 import torch.nn as nn
 from .data import get_dls
-from .learner import Learner, Callback
+from .learner import Learner
 from .ddpm import ddpm_loss
 from .schedulers import DDPMScheduler
 from .pipeline import StableDiffusion
@@ -20,8 +18,6 @@ from .finetune import image_latents, repeat_for_steps
 __all__ = ['add_token', 'TokenVectors', 'textual_inversion_step', 'train_textual_inversion']
 
 # %% ../nbs/24_ti_training.ipynb #31dedb21
-def _token_embedding(text_encoder:nn.Module) -> nn.Embedding: return text_encoder.text_model.embeddings.token_embedding
-
 def add_token(pipe:StableDiffusion, token:str, # the new token, e.g. '<my-style>'
               initializer_token:str) -> int: # an existing single token whose embedding the new one starts from
     "Add `token` to `pipe`'s tokenizer and text encoder, its embedding a copy of `initializer_token`'s; returns its id."
@@ -33,7 +29,7 @@ def add_token(pipe:StableDiffusion, token:str, # the new token, e.g. '<my-style>
         raise ValueError(f"the tokenizer already contains the token {token!r}: give a token that is not already in it")
     tid = tok.convert_tokens_to_ids(token)
     pipe.text_encoder.resize_token_embeddings(len(tok))
-    emb = _token_embedding(pipe.text_encoder)
+    emb = pipe.text_encoder.get_input_embeddings()
     with torch.no_grad(): emb.weight[tid] = emb.weight[init[0]]
     return tid
 
@@ -76,7 +72,7 @@ def train_textual_inversion(pipe:StableDiffusion, images:torch.Tensor, # (N, C, 
     mean, std = image_latents(pipe, images)
     tid = add_token(pipe, token, initializer_token)
     ids = pipe.tokenize([p.format(token) for p in ps])
-    emb = _token_embedding(pipe.text_encoder)
+    emb = pipe.text_encoder.get_input_embeddings()
     pipe.unet.requires_grad_(False).eval(); pipe.text_encoder.requires_grad_(False).eval()
     vec = TokenVectors(emb, [tid])
     step = textual_inversion_step(pipe.text_encoder, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config))
