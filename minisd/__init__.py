@@ -11,6 +11,7 @@ import importlib
 
 _PUBLIC = {  # name -> the module that defines it
     'StableDiffusion': 'pipeline',
+    'StableDiffusionInpaint': 'inpainting', 'StableDiffusionInstructPix2Pix': 'instruct_pix2pix',
     'UNet': 'unet', 'UNetConfig': 'unet', 'AutoencoderKL': 'vae', 'VAEConfig': 'vae',
     'CLIPTextModel': 'clip', 'CLIPTextConfig': 'clip', 'CLIP': 'clip', 'CLIPConfig': 'clip', 'CLIPTokenizer': 'tokenizer',
     'DDPMScheduler': 'schedulers', 'DDIMScheduler': 'schedulers', 'EulerDiscreteScheduler': 'schedulers',
@@ -21,6 +22,13 @@ _PUBLIC = {  # name -> the module that defines it
     'load_pipeline': 'checkpoints', 'load_single_file': 'checkpoints', 'empty_weights': 'checkpoints',
     'default_device': 'core', 'seed_everything': 'core', 'show_images': 'core', 'image_grid': 'core',
     'to_pil': 'core', 'from_pil': 'core', 'save_json': 'core', 'save_weights': 'core', 'load_weights': 'core',
+    'is_main_process': 'learner', 'DistributedCB': 'learner',
+    'Attention': 'unet', 'AttnProcessor': 'unet', 'AttnProcessor2_0': 'unet', 'SlicedAttnProcessor': 'unet',
+    'AttentionStore': 'attention', 'AttentionReplace': 'attention', 'AttentionRefine': 'attention',
+    'AttentionReweight': 'attention',
+    'load_textual_inversion': 'textual_inversion', 'unload_textual_inversion': 'textual_inversion',
+    'save_textual_inversion': 'textual_inversion',
+    'add_lora': 'lora', 'get_peft_model_state_dict': 'lora', 'scaled_lora': 'lora', 'train_lora': 'lora',
 }
 __all__ = list(_PUBLIC)
 

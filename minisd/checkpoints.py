@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 import torch
 from torch.nn.modules.module import register_module_parameter_registration_hook
+from .core import align_prefix
 from .data import hf_offline, hub_reachable
 from .unet import UNet, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
@@ -17,13 +18,14 @@ from .tokenizer import CLIPTokenizer
 from . import schedulers
 
 # %% auto #0
-__all__ = ['PIPELINE_CLASSES', 'read_weights_file', 'load_state_dict_file', 'component_weights_files', 'load_component_weights',
-           'CheckpointError', 'check_state_dict', 'load_into', 'empty_weights', 'split_ldm_checkpoint', 'count_params',
-           'ldm_unet_key', 'unet_config_from_ldm', 'convert_ldm_unet', 'ldm_vae_key', 'convert_ldm_vae',
-           'vae_config_from_ldm', 'convert_ldm_clip', 'convert_open_clip', 'text_config_from_state_dict',
-           'ldm_prediction_type', 'scheduler_config_from_ldm', 'use_ema_weights', 'convert_ldm_checkpoint',
-           'hub_allow_patterns', 'download', 'resolve_tokenizer', 'read_original_config', 'load_single_file',
-           'read_json', 'load_component', 'load_tokenizer', 'load_scheduler', 'load_pipeline_folder', 'load_pipeline']
+__all__ = ['PIPELINE_CLASSES', 'MINISD_PIPELINE_CLASSES', 'read_weights_file', 'load_state_dict_file', 'component_weights_files',
+           'load_component_weights', 'CheckpointError', 'check_state_dict', 'load_into', 'empty_weights',
+           'split_ldm_checkpoint', 'count_params', 'ldm_unet_key', 'unet_config_from_ldm', 'convert_ldm_unet',
+           'ldm_vae_key', 'convert_ldm_vae', 'vae_config_from_ldm', 'convert_ldm_clip', 'convert_open_clip',
+           'text_config_from_state_dict', 'ldm_prediction_type', 'scheduler_config_from_ldm', 'use_ema_weights',
+           'convert_ldm_checkpoint', 'hub_allow_patterns', 'download', 'resolve_tokenizer', 'read_original_config',
+           'load_single_file', 'read_json', 'load_component', 'load_tokenizer', 'load_scheduler',
+           'load_pipeline_folder', 'load_pipeline', 'pipeline_class_name']
 
 # %% ../nbs/14_checkpoints.ipynb #0b546971
 def read_weights_file(path) -> dict:
@@ -118,22 +120,12 @@ def check_state_dict(expected:dict, sd:dict, ignore=(), n:int=10, name:str='mode
         raise CheckpointError(f"the checkpoint does not fit the {name}:\n  " + '\n  '.join(lines))
     return sd
 
-def _align_prefix(expected, sd:dict) -> dict:
-    "Add or strip one leading name level all keys of one side share and the other lacks (transformers 5 drops `text_model.`)."
-    def common(keys):
-        heads = {k.split('.', 1)[0] for k in keys}
-        return next(iter(heads)) + '.' if len(heads) == 1 and all('.' in k for k in keys) else None
-    if not sd or any(k in expected for k in sd): return sd
-    if (p := common(expected)) and not any(k.startswith(p) for k in sd): return {p + k: v for k, v in sd.items()}
-    if (p := common(sd)) and not any(k.startswith(p) for k in expected): return {k[len(p):]: v for k, v in sd.items()}
-    return sd
-
 def load_into(module:torch.nn.Module, state_dict:dict, ignore=_IGNORED_KEYS, n:int=10,
               assign:bool=False, # the module takes the checkpoint's tensors instead of copying them (see `empty_weights`)
               dtype=None, device=None): # with `assign`: cast/move each tensor as it goes in (default dtype: the module's)
     "Load `state_dict` into `module` strictly (keys matching an `ignore` regex dropped), errors naming keys; returns `module`."
     expected = module.state_dict()
-    sd = check_state_dict(expected, _align_prefix(expected, state_dict), ignore, n, name=type(module).__name__)
+    sd = check_state_dict(expected, align_prefix(expected, state_dict), ignore, n, name=type(module).__name__)
     if assign:
         sd = {k: v.to(device=device, dtype=dtype or expected[k].dtype).contiguous() if v.is_floating_point() else v.to(device)
               for k, v in sd.items()}
@@ -542,3 +534,14 @@ def load_pipeline(path, # a diffusers pipeline folder, a single checkpoint file,
         if not _looks_like_hub_id(str(path)): raise FileNotFoundError(f"no pipeline folder or checkpoint file at {path}")
         p = Path(download(str(path), variant=variant))
     return load_pipeline_folder(p, torch_dtype, device, variant)
+
+# %% ../nbs/14_checkpoints.ipynb #c7a1e0d3
+MINISD_PIPELINE_CLASSES = {"StableDiffusionPipeline": "StableDiffusion",   # diffusers' pipeline class -> minisd's
+                           "StableDiffusionInstructPix2PixPipeline": "StableDiffusionInstructPix2Pix",
+                           "StableDiffusionInpaintPipeline": "StableDiffusionInpaint"}
+
+def pipeline_class_name(unet_in_channels:int, # the U-Net's `in_channels` (`conv_in.weight.shape[1]`)
+                        latent_channels:int=4) -> str|None: # the VAE's `latent_channels`
+    "diffusers' pipeline class for a U-Net with this many input channels (text-to-image, InstructPix2Pix, inpainting), or None."
+    return {latent_channels: "StableDiffusionPipeline", 2 * latent_channels: "StableDiffusionInstructPix2PixPipeline",
+            2 * latent_channels + 1: "StableDiffusionInpaintPipeline"}.get(unet_in_channels)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, asdict, fields
 import torch
 from torch import nn
 import torch.nn.functional as F
+from .core import align_prefix
 
 # %% auto #0
 __all__ = ['ACTIVATIONS', 'CLIPTextConfig', 'CLIPAttention', 'CLIPMLP', 'CLIPEncoderLayer', 'CLIPEncoder', 'CLIPTextEmbeddings',
@@ -189,7 +190,7 @@ class CLIPTextModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict:bool=True, assign:bool=False):
         "`nn.Module.load_state_dict`, also accepting transformers 5 files (keys without `text_model.`)."
-        if state_dict and not any(k.startswith('text_model.') for k in state_dict): state_dict = {f'text_model.{k}': v for k, v in state_dict.items()}
+        state_dict = align_prefix(self.state_dict(), state_dict)   # minisd's one prefix rule (lesson 00)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @property

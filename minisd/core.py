@@ -12,7 +12,7 @@ from PIL import Image
 
 # %% auto #0
 __all__ = ['default_device', 'seed_everything', 'randn_tensor', 'in_test', 'budget', 'to_pil', 'from_pil', 'show_images',
-           'image_grid', 'atomic_write', 'save_json', 'save_weights', 'load_weights']
+           'image_grid', 'atomic_write', 'save_json', 'save_weights', 'load_weights', 'align_prefix']
 
 # %% ../nbs/00_core.ipynb #76c457db
 def default_device() -> torch.device:
@@ -142,3 +142,16 @@ def load_weights(path, model:torch.nn.Module|None=None, device='cpu'):
     if model is None: return sd
     model.load_state_dict(sd)
     return model
+
+# %% ../nbs/00_core.ipynb #c0a1b2c4
+def align_prefix(expected, # the model's keys (a state dict or any iterable of names)
+                 sd:dict) -> dict: # the checkpoint's state dict
+    "`sd` with one leading name level added or stripped when all keys of one side share it and the other lacks it."
+    def common(keys):
+        heads = {k.split('.', 1)[0] for k in keys}
+        return next(iter(heads)) + '.' if len(heads) == 1 and all('.' in k for k in keys) else None
+    expected = list(expected)
+    if not sd or any(k in expected for k in sd): return sd
+    if (p := common(expected)) and not any(k.startswith(p) for k in sd): return {p + k: v for k, v in sd.items()}
+    if (p := common(sd)) and not any(k.startswith(p) for k in expected): return {k[len(p):]: v for k, v in sd.items()}
+    return sd

@@ -13,6 +13,7 @@ from PIL import Image
 from fastprogress.fastprogress import progress_bar
 from .core import to_pil, from_pil, randn_tensor, save_json, save_weights
 from .ddpm import sample, apply_guidance
+from . import lora
 from . import checkpoints, textual_inversion
 
 # %% auto #0
@@ -53,6 +54,23 @@ def component_config(component:str, model:nn.Module) -> dict:
         return d
     return {"_class_name": checkpoints.PIPELINE_CLASSES[component][1], "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **d}
 
+# %% ../nbs/12_pipeline.ipynb #c0ff1001
+def _accelerator(device=None, gpu_id:int|None=None) -> torch.device|None:
+    "The device to offload to: `device`, else CUDA or MPS when available; None when that is the CPU or there is none."
+    if device is not None: d = torch.device(device)
+    elif torch.cuda.is_available(): d = torch.device('cuda')
+    elif torch.backends.mps.is_available(): d = torch.device('mps')
+    else: return None
+    if d.type == 'cpu': return None
+    return torch.device(d.type, gpu_id) if gpu_id is not None else d
+
+def _to_device(x, device):
+    "`x` with every tensor in it (nested in tuples, lists and dicts) moved to `device`."
+    if isinstance(x, torch.Tensor): return x.to(device)
+    if isinstance(x, (tuple, list)): return type(x)(_to_device(o, device) for o in x)
+    if isinstance(x, dict): return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
 # %% ../nbs/12_pipeline.ipynb #c09cbab1
 class StableDiffusion:
     "Stable Diffusion: tokenizer, text encoder, U-Net, scheduler and VAE, and the sampling loop that joins them."
@@ -63,9 +81,23 @@ class StableDiffusion:
                  text_encoder:nn.Module, # token ids -> hidden states `(B,T,D)` (`minisd.clip.CLIPTextModel`)
                  tokenizer, # text -> token ids `(B,77)` (`minisd.tokenizer.CLIPTokenizer`)
                  scheduler): # noise schedule and sampler (`minisd.schedulers.DDIMScheduler`, ...)
+        c, n = vae.config.latent_channels, unet.config.in_channels
+        if n not in self._unet_in_channels(c):
+            kind = checkpoints.pipeline_class_name(n, c)
+            hint = f": it is {kind}'s U-Net, load it with minisd.{checkpoints.MINISD_PIPELINE_CLASSES[kind]}" if kind else ""
+            raise ValueError(f"{type(self).__name__} needs a U-Net with {' or '.join(map(str, self._unet_in_channels(c)))} "
+                             f"input channels for {c}-channel latents; this one has {n}{hint}")
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = unet, vae, text_encoder, tokenizer, scheduler
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._progress_bar_config = {}
+        self._offload_device, self._offload_hooks, self._onloaded = None, [], None   # model CPU offload (off)
+
+    _diffusers_class = "StableDiffusionPipeline"   # the `_class_name` `save_pretrained` writes
+
+    @classmethod
+    def _unet_in_channels(cls, latent_channels:int) -> tuple:
+        "The U-Net input channel counts this pipeline can use: the latents alone (inpainting and InstructPix2Pix add more)."
+        return (latent_channels,)
 
     # -- loading and saving
     @classmethod
@@ -95,16 +127,49 @@ class StableDiffusion:
         p = root/"scheduler"/"scheduler_config.json"
         sc = json.loads(p.read_text())
         if "_class_name" not in sc: save_json({"_class_name": type(self.scheduler).__name__, **sc}, p)
-        save_json({"_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+        save_json({"_class_name": self._diffusers_class, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
                    **{k: list(v) for k, v in checkpoints.PIPELINE_CLASSES.items()},
                    "scheduler": ["diffusers", type(self.scheduler).__name__],
                    "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False},
                   root/"model_index.json")
         return root
 
+    @property
+    def components(self) -> dict:
+        "The five parts by name, as diffusers' `pipe.components`: `OtherPipeline(**pipe.components)` shares them."
+        return dict(unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, scheduler=self.scheduler)
+
+    # -- LoRA adapters (`minisd.lora`), with diffusers' method names
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, # a LoRA file, a folder holding one, or a state dict
+                          adapter_name:str|None=None, weight_name:str|None=None):
+        "Load a LoRA (diffusers/PEFT, old diffusers or kohya keys) into the U-Net and the text encoder."
+        lora.load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name, weight_name)
+
+    def _lora_models(self, components):
+        bad = [c for c in components if c not in lora.LORA_COMPONENTS]
+        if bad: raise ValueError(f"components {bad} can't hold LoRA adapters: choose from {list(lora.LORA_COMPONENTS)}")
+        return [getattr(self, c) for c in components]
+
+    def fuse_lora(self, components=lora.LORA_COMPONENTS, lora_scale:float=1.0):
+        "Merge the LoRA adapters into the weights, `W += lora_scale * alpha/r * up @ down`."
+        for m in self._lora_models(components): lora.fuse_lora(m, lora_scale)
+
+    def unfuse_lora(self, components=lora.LORA_COMPONENTS):
+        "Take fused adapters out of the weights again."
+        for m in self._lora_models(components): lora.unfuse_lora(m)
+
+    def unload_lora_weights(self):
+        "Remove the LoRA adapters (fused ones stay in the weights)."
+        for m in self._lora_models(lora.LORA_COMPONENTS): lora.unload_lora(m)
+
+    @classmethod
+    def save_lora_weights(cls, save_directory, unet_lora_layers=None, text_encoder_lora_layers=None, **kwargs):
+        "Write `pytorch_lora_weights.safetensors` as diffusers does (`minisd.lora.save_lora_weights`)."
+        return lora.save_lora_weights(save_directory, unet_lora_layers, text_encoder_lora_layers, **kwargs)
+
     # -- device, dtype, display
     @property
-    def device(self) -> torch.device: return self.unet.device
+    def device(self) -> torch.device: return self._offload_device or self.unet.device   # with offload: where the models run
     @property
     def dtype(self) -> torch.dtype: return self.unet.dtype
 
@@ -122,6 +187,40 @@ class StableDiffusion:
         "`iterable` wrapped in a fastprogress bar, unless disabled by `set_progress_bar_config` (or empty)."
         if self._progress_bar_config.get("disable", False) or not len(iterable): return iterable
         return progress_bar(iterable, leave=self._progress_bar_config.get("leave", False))
+
+    # -- memory savers (diffusers' names; the VAE's own are `pipe.vae.enable_slicing()` and `pipe.vae.enable_tiling()`)
+    def enable_attention_slicing(self, slice_size="auto"): # "auto": half the heads at a time, "max": one, or an int
+        "Compute the U-Net's attention in slices (`unet.set_attention_slice`): a smaller peak, a little slower."
+        self.unet.set_attention_slice(slice_size)
+
+    def disable_attention_slicing(self): self.unet.set_attention_slice(None)
+
+    def enable_model_cpu_offload(self, gpu_id:int|None=None, device=None): # default: CUDA, else MPS
+        "Keep the models on the CPU and move each one to the accelerator only while it runs; without one, warn and do nothing."
+        dev = _accelerator(device, gpu_id)
+        if dev is None:
+            warnings.warn("enable_model_cpu_offload: no accelerator (CUDA or MPS) is available, so nothing is offloaded "
+                          "(a no-op): the models stay on the CPU")
+            return
+        self.remove_all_hooks()
+        self.to("cpu")
+        self._offload_device = dev
+        def onload(model):
+            def hook(module, args, kwargs):
+                if self._onloaded is not model:
+                    if self._onloaded is not None: self._onloaded.to("cpu")
+                    self._onloaded = model.to(dev)
+                return _to_device(args, dev), _to_device(kwargs, dev)
+            return hook
+        # the model and its direct children: `vae.encode`/`vae.decode` call the VAE's parts, not its `forward`
+        self._offload_hooks = [m.register_forward_pre_hook(onload(model), with_kwargs=True)
+                               for model in (self.text_encoder, self.unet, self.vae) for m in (model, *model.children())]
+
+    def remove_all_hooks(self):
+        "Turn model CPU offload off: the hooks go, every model is back on the CPU."
+        for h in self._offload_hooks: h.remove()
+        if self._onloaded is not None: self._onloaded.to("cpu")
+        self._offload_device, self._offload_hooks, self._onloaded = None, [], None
 
     def __repr__(self):
         return (f"StableDiffusion(unet={type(self.unet).__name__}, vae={type(self.vae).__name__}, "
@@ -143,8 +242,12 @@ class StableDiffusion:
                       negative_prompt:str|list[str]|None=None, # what to steer away from (CFG's unconditional side); `None` -> ""
                       num_images_per_prompt:int=1, # images generated for each prompt
                       do_classifier_free_guidance:bool=True, # also return the unconditional embeddings
-                      clip_skip:int=0): # use the hidden states this many layers before the last
+                      clip_skip:int=0, # use the hidden states this many layers before the last
+                      lora_scale:float|None=None): # scale the text encoder's LoRA adapters by this (diffusers' runtime scale)
         "Text embeddings `(B*n, 77, D)` for `prompt`, and the unconditional ones for CFG (or `None`)."
+        if lora_scale is not None:
+            with lora.scaled_lora(self.text_encoder, scale=lora_scale):
+                return self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_classifier_free_guidance, clip_skip)
         prompts = self.maybe_convert_prompt(_as_prompt_list(prompt))   # multi-vector textual inversion tokens
         te_dtype = self.text_encoder.dtype
         ids = self.tokenize(prompts).to(self.device)
@@ -182,11 +285,11 @@ class StableDiffusion:
                         latents:torch.Tensor|None=None, # start from these instead of fresh noise
                         dtype=None) -> torch.Tensor:
         "Initial latents `(batch_size, c, height/f, width/f)`: `latents` or fresh noise, times `init_noise_sigma`."
-        shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (batch_size, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         dtype = dtype or self.dtype
         if latents is None: latents = randn_tensor(shape, generator, self.device, dtype)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` has the wrong shape: expected {shape} (batch, unet in_channels, "
+            raise ValueError(f"`latents` has the wrong shape: expected {shape} (batch, VAE latent channels, "
                              f"height/{self.vae_scale_factor}, width/{self.vae_scale_factor}), got {tuple(latents.shape)}")
         else: latents = latents.to(self.device, dtype)
         return latents * self.scheduler.init_noise_sigma
@@ -196,10 +299,12 @@ class StableDiffusion:
                       t, # the current timestep
                       embeds:torch.Tensor, # (2B,77,D) = [uncond, cond] with CFG, else (B,77,D)
                       guidance_scale:float,
-                      cross_attention_kwargs:dict|None=None) -> torch.Tensor: # passed on to the U-Net when given
+                      cross_attention_kwargs:dict|None=None, # passed on to the U-Net when given
+                      extra_channels:torch.Tensor|None=None) -> torch.Tensor: # (B,c',h,w) appended to the U-Net's input (inpainting)
         "The U-Net's noise prediction at `t`, guided by CFG (`apply_guidance`) when `guidance_scale > 1`."
         cfg = guidance_scale > 1
         x = torch.cat([latent_model_input] * 2) if cfg else latent_model_input
+        if extra_channels is not None: x = torch.cat([x, torch.cat([extra_channels] * 2) if cfg else extra_channels], dim=1)
         kw = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
         eps = self.unet(x, t, encoder_hidden_states=embeds, **kw)
         return apply_guidance(eps, guidance_scale) if cfg else eps
@@ -209,11 +314,26 @@ class StableDiffusion:
                 generator=None, # for stochastic samplers' noise
                 callback=None, # the loop's `callback(i, t, x_t, out) -> None|Tensor` (`minisd.ddpm.sample`)
                 cross_attention_kwargs:dict|None=None,
+                noise_kwargs:dict|None=None, # more arguments for `predict_noise` (a subclass's conditioning)
                 **step_kwargs) -> torch.Tensor: # e.g. `eta=` for DDIM
         "Run the sampling loop (`minisd.ddpm.sample`) over `timesteps` from `latents`, with a progress bar."
-        model = lambda x, t: self.predict_noise(x, t, embeds, guidance_scale, cross_attention_kwargs)
+        model = lambda x, t: self.predict_noise(x, t, embeds, guidance_scale, cross_attention_kwargs, **(noise_kwargs or {}))
         return sample(model, self.scheduler, latents, generator=generator, callback=callback, timesteps=timesteps,
                       scale_noise=False, progress=self.progress_bar, **step_kwargs)
+
+    def step_callback(self, callback_on_step_end=None, # diffusers' `f(pipe, step, timestep, callback_kwargs) -> dict`
+                      tensor_inputs=("latents",), # what `callback_kwargs` holds
+                      callback=None, # the old `callback(i, t, latents)`
+                      after_step=None): # `f(i, latents) -> latents`, run first (inpainting's blend of the known region)
+        "The sampling loop's callback: `after_step`, then `callback_on_step_end` (its `latents` replace ours), then `callback`."
+        def on_step(i, t, x_t, out):
+            latents = out.prev_sample if after_step is None else after_step(i, out.prev_sample)
+            if callback_on_step_end is not None:
+                outputs = callback_on_step_end(self, i, t, {k: latents for k in tensor_inputs})
+                latents = (outputs or {}).get("latents", latents)
+            if callback is not None: callback(i, t, latents)
+            return latents
+        return on_step
 
     def decode_latents(self, latents:torch.Tensor) -> torch.Tensor:
         "Images `(B,C,H,W)` in `[0,1]` (fp32) from diffusion latents; a half-precision VAE that overflows is re-run in fp32."
@@ -342,7 +462,8 @@ class StableDiffusion:
                              f"({len(prompts)} prompts x {num_images_per_prompt}): give one generator per image")
         cfg = guidance_scale > 1
         with torch.no_grad(), _eval_mode(self.unet, self.vae, self.text_encoder):
-            cond, uncond = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, cfg, clip_skip)
+            cond, uncond = self.encode_prompt(prompts, negative_prompt, num_images_per_prompt, cfg, clip_skip,
+                                              (cross_attention_kwargs or {}).get("scale"))  # LoRA scale: the text encoder's too
             embeds = torch.cat([uncond, cond]) if cfg else cond
             self.scheduler.set_timesteps(num_inference_steps, device=self.device)
             if image is None:
@@ -351,13 +472,7 @@ class StableDiffusion:
             else:
                 timesteps = self.get_timesteps(num_inference_steps, strength)
                 latents = self.prepare_image_latents(image, timesteps, batch_size, num_images_per_prompt, generator, embeds.dtype)
-            def on_step(i, t, x_t, out):  # the loop's callback -> diffusers' `callback_on_step_end`, then the old `callback`
-                latents = out.prev_sample
-                if callback_on_step_end is not None:
-                    outputs = callback_on_step_end(self, i, t, {k: latents for k in callback_on_step_end_tensor_inputs})
-                    latents = (outputs or {}).get("latents", latents)
-                if callback is not None: callback(i, t, latents)
-                return latents
+            on_step = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, callback)
             latents = self.denoise(latents, timesteps, embeds, guidance_scale, generator, on_step, cross_attention_kwargs,
                                    eta=eta)
             if output_type == "latent": return latents

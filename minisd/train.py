@@ -35,7 +35,7 @@ def pad32(x:torch.Tensor) -> torch.Tensor: # (N,1,28,28) in [0,1]
 # %% ../nbs/13_mini_sd.ipynb #f40c5cd1
 @dataclass
 class MnistRecipe:
-    "Sizes and training budgets of the mini Stable Diffusion (default: ~10 minutes on a 2-core CPU)."
+    "Sizes and training budgets of the mini Stable Diffusion (default: a few minutes on a 2-core CPU)."
     n_train:int|None = 4000   # training digits used (the embedded set has 4,000; None: all there are)
     bs:int = 128              # batch size of every stage
     vae_epochs:int = 8

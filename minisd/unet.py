@@ -4,17 +4,18 @@
 
 # %% ../nbs/04_unet.ipynb #705ec455
 from __future__ import annotations
-import math
+import inspect, math, warnings
 from dataclasses import dataclass, asdict, fields
 from functools import partial
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # %% auto #0
-__all__ = ['Timesteps', 'TimestepEmbedding', 'ResnetBlock2D', 'Downsample2D', 'Upsample2D', 'Attention', 'GEGLU', 'FeedForward',
-           'BasicTransformerBlock', 'Transformer2DModel', 'DownBlock2D', 'UNetMidBlock2D', 'UpBlock2D', 'UNetConfig',
-           'UNet']
+__all__ = ['Timesteps', 'TimestepEmbedding', 'ResnetBlock2D', 'Downsample2D', 'Upsample2D', 'Attention', 'AttnProcessor2_0',
+           'AttnProcessor', 'SlicedAttnProcessor', 'GEGLU', 'FeedForward', 'BasicTransformerBlock',
+           'Transformer2DModel', 'DownBlock2D', 'UNetMidBlock2D', 'UpBlock2D', 'UNetConfig', 'UNet']
 
 # %% ../nbs/04_unet.ipynb #ef811089
 class Timesteps(nn.Module):
@@ -104,7 +105,7 @@ class Upsample2D(nn.Module):
 
 # %% ../nbs/04_unet.ipynb #b24d9306
 class Attention(nn.Module):
-    "Multi-head (self or cross) attention with diffusers' names: `to_q`, `to_k`, `to_v`, `to_out.0` (+ optional `group_norm`)."
+    "Multi-head (self or cross) attention with diffusers' names (`to_q`, `to_k`, `to_v`, `to_out.0`); its `processor` does the arithmetic."
     def __init__(self,
                  query_dim:int,                       # channels of the input
                  cross_attention_dim:int|None=None,   # channels of `encoder_hidden_states`; None: self-attention
@@ -112,32 +113,137 @@ class Attention(nn.Module):
                  dim_head:int=64,
                  dropout:float=0.,                    # on the output (`to_out.1`)
                  bias:bool=False,                     # bias in to_q/to_k/to_v (the VAE has one, the U-Net not)
-                 upcast:bool=False,                   # compute attention in float32 (SD 2.x)
+                 upcast_attention:bool=False,         # compute attention in float32 (SD 2.x)
+                 upcast_softmax:bool=False,           # only the softmax in float32 (the VAE)
                  norm_num_groups:int|None=None,       # GroupNorm on the input first (the VAE)
                  eps:float=1e-5,                      # its eps
-                 residual_connection:bool=False):     # add the input to the output (the VAE)
+                 residual_connection:bool=False,      # add the input to the output (the VAE)
+                 processor=None):                     # default: AttnProcessor2_0()
         super().__init__()
         inner = heads * dim_head
-        self.heads, self.upcast, self.residual_connection = heads, upcast, residual_connection
+        self.heads, self.scale, self.sliceable_head_dim = heads, dim_head ** -0.5, heads
+        self.upcast_attention, self.upcast_softmax = upcast_attention, upcast_softmax
+        self.residual_connection, self.rescale_output_factor = residual_connection, 1.
+        self.is_cross_attention = cross_attention_dim is not None
+        self.spatial_norm = self.norm_cross = self.norm_q = self.norm_k = None   # diffusers' optional norms a processor may test for; unused here
         self.group_norm = nn.GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups else None
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+        self.set_processor(processor if processor is not None else AttnProcessor2_0())
 
-    def forward(self, x, encoder_hidden_states=None):   # x: (B, T, C) or (B, C, H, W); ehs: (B, S, C_cross)
-        residual = x
-        if x.ndim == 4: B, C, H, W = x.shape; x = x.view(B, C, H * W).transpose(1, 2)   # (B, HW, C)
-        if self.group_norm is not None: x = self.group_norm(x.transpose(1, 2)).transpose(1, 2)
+    def set_processor(self, processor):
+        "Use `processor` from now on (an `nn.Module` processor becomes a submodule, as in diffusers)."
+        if isinstance(getattr(self, 'processor', None), nn.Module) and not isinstance(processor, nn.Module): del self._modules['processor']
+        self.processor = processor
+
+    def get_processor(self): return self.processor
+
+    def set_attention_slice(self, slice_size:int|None):
+        "Compute the attention `slice_size` (batch x head) slices at a time; None: all at once (the default processor)."
+        if slice_size is not None and not 1 <= slice_size <= self.sliceable_head_dim:
+            raise ValueError(f"slice_size {slice_size} has to be between 1 and the number of heads ({self.sliceable_head_dim})")
+        self.set_processor(AttnProcessor2_0() if slice_size is None else SlicedAttnProcessor(slice_size))
+
+    def forward(self, hidden_states:torch.Tensor,                 # (B, T, C) or (B, C, H, W)
+                encoder_hidden_states:torch.Tensor|None=None,     # (B, S, C_cross); None: self-attention
+                attention_mask:torch.Tensor|None=None,            # additive (B, S), (B, 1, S) or (B, T, S)
+                cross_attention_kwargs:dict|None=None,            # extra keyword arguments for the processor
+                **kwargs):                                        # ... or given directly, as in diffusers
+        kw = {**(cross_attention_kwargs or {}), **kwargs}
+        if kw: kw = _accepted_kwargs(self.processor, kw)
+        return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kw)
+
+    def head_to_batch_dim(self, tensor:torch.Tensor, out_dim:int=3) -> torch.Tensor:
+        "`(B, T, heads*d)` -> `(B*heads, T, d)` (`out_dim=4`: `(B, heads, T, d)`)."
+        if tensor.ndim == 3: (B, T, D), E = tensor.shape, 1
+        else: B, E, T, D = tensor.shape
+        t = tensor.reshape(B, T * E, self.heads, D // self.heads).permute(0, 2, 1, 3)
+        return t.reshape(B * self.heads, T * E, D // self.heads) if out_dim == 3 else t
+
+    def batch_to_head_dim(self, tensor:torch.Tensor) -> torch.Tensor:
+        "`(B*heads, T, d)` -> `(B, T, heads*d)`."
+        BH, T, d = tensor.shape
+        return tensor.reshape(BH // self.heads, self.heads, T, d).permute(0, 2, 1, 3).reshape(BH // self.heads, T, d * self.heads)
+
+    def get_attention_scores(self, query:torch.Tensor, key:torch.Tensor, attention_mask:torch.Tensor|None=None) -> torch.Tensor:
+        "softmax(scale * Q K^T + mask) `(B*heads, T, S)` from `(B*heads, T, d)` queries and `(B*heads, S, d)` keys."
+        dtype = query.dtype
+        if self.upcast_attention: query, key = query.float(), key.float()
+        base = torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype, device=query.device) if attention_mask is None else attention_mask
+        scores = torch.baddbmm(base, query, key.transpose(-1, -2), beta=0 if attention_mask is None else 1, alpha=self.scale)
+        if self.upcast_softmax: scores = scores.float()
+        return scores.softmax(dim=-1).to(dtype)
+
+    def prepare_attention_mask(self, attention_mask:torch.Tensor|None, target_length:int, batch_size:int, out_dim:int=3):
+        "An additive mask `(B, S)`/`(B, q, S)` repeated per head: `(B*heads, q, S)` (`out_dim=4`: `(B, heads, q, S)`)."
+        if attention_mask is None: return None
+        if attention_mask.shape[-1] != target_length:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, but there are {target_length}")
+        if attention_mask.ndim == 2: attention_mask = attention_mask[:, None]   # (B, 1, S)
+        if out_dim == 4: return attention_mask.unsqueeze(1).repeat_interleave(self.heads, dim=1)
+        if attention_mask.shape[0] < batch_size * self.heads: attention_mask = attention_mask.repeat_interleave(self.heads, dim=0)
+        return attention_mask
+
+# %% ../nbs/04_unet.ipynb #a77e0c02
+def _accepted_kwargs(processor, kwargs:dict) -> dict:
+    "The entries of `kwargs` that `processor.__call__` names as parameters; warns about the others (as diffusers)."
+    names = set(inspect.signature(processor.__call__).parameters)
+    unused = [k for k in kwargs if k not in names]
+    if unused: warnings.warn(f"cross_attention_kwargs {unused} are not expected by {type(processor).__name__} and will be ignored.", stacklevel=3)
+    return {k: v for k, v in kwargs.items() if k in names}
+
+# %% ../nbs/04_unet.ipynb #a77e0c04
+def _as_tokens(attn:Attention, hidden_states:torch.Tensor) -> torch.Tensor:
+    "`(B, C, H, W)` -> `(B, HW, C)` (tokens stay as they are), then the module's `group_norm` if any."
+    x = hidden_states
+    if x.ndim == 4: B, C, H, W = x.shape; x = x.view(B, C, H * W).transpose(1, 2)
+    if attn.group_norm is not None: x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+    return x
+
+def _output(attn:Attention, out:torch.Tensor, residual:torch.Tensor) -> torch.Tensor:
+    "`to_out` on `(B, T, heads*d)`, back to the input's shape, plus the residual when the module has one."
+    out = attn.to_out[1](attn.to_out[0](out))                              # (B, T, C)
+    if residual.ndim == 4: out = out.transpose(1, 2).reshape(residual.shape)
+    if attn.residual_connection: out = out + residual
+    return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
+
+class AttnProcessor2_0:
+    "The default processor: PyTorch's fused `scaled_dot_product_attention` (diffusers' `AttnProcessor2_0`)."
+    def __call__(self, attn:Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        x = _as_tokens(attn, hidden_states)
         context = x if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)         # (B, T|S, heads*d)
-        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)    # (B, heads, T|S, d)
-        q, k, v = split(q), split(k), split(v)
-        if self.upcast: q, k, v = q.float(), k.float(), v.float()
-        out = F.scaled_dot_product_attention(q, k, v).to(x.dtype)              # (B, heads, T, d)
-        out = self.to_out[1](self.to_out[0](out.transpose(1, 2).flatten(2)))   # (B, T, C)
-        if residual.ndim == 4: out = out.transpose(1, 2).reshape(residual.shape)
-        return out + residual if self.residual_connection else out
+        q, k, v = (attn.head_to_batch_dim(t, out_dim=4) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))  # (B, heads, T|S, d)
+        mask = attn.prepare_attention_mask(attention_mask, k.shape[2], x.shape[0], out_dim=4)
+        if attn.upcast_attention: q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale).to(x.dtype)   # (B, heads, T, d)
+        return _output(attn, out.transpose(1, 2).flatten(2), hidden_states)
+
+class AttnProcessor:
+    "The arithmetic spelled out with the module's tools (diffusers' `AttnProcessor`)."
+    def __call__(self, attn:Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        x = _as_tokens(attn, hidden_states)
+        context = x if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = (attn.head_to_batch_dim(t) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))  # (B*heads, T|S, d)
+        probs = attn.get_attention_scores(q, k, attn.prepare_attention_mask(attention_mask, k.shape[1], x.shape[0]))  # (B*heads, T, S)
+        return _output(attn, attn.batch_to_head_dim(torch.bmm(probs, v)), hidden_states)
+
+class SlicedAttnProcessor:
+    "`AttnProcessor` computed `slice_size` batch-heads at a time, to hold a smaller score matrix (diffusers' `SlicedAttnProcessor`)."
+    def __init__(self, slice_size:int): self.slice_size = slice_size
+
+    def __call__(self, attn:Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        x = _as_tokens(attn, hidden_states)
+        context = x if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = (attn.head_to_batch_dim(t) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))  # (B*heads, T|S, d)
+        mask = attn.prepare_attention_mask(attention_mask, k.shape[1], x.shape[0])
+        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+        for i in range(0, q.shape[0], self.slice_size):
+            sl = slice(i, i + self.slice_size)
+            probs = attn.get_attention_scores(q[sl], k[sl], None if mask is None else mask[sl])   # (slice, T, S)
+            out[sl] = torch.bmm(probs, v[sl])
+        return _output(attn, attn.batch_to_head_dim(out), hidden_states)
 
 # %% ../nbs/04_unet.ipynb #4d088405
 class GEGLU(nn.Module):
@@ -172,18 +278,18 @@ class BasicTransformerBlock(nn.Module):
                  upcast_attention:bool=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads=num_heads, dim_head=head_dim, dropout=dropout, upcast=upcast_attention)
+        self.attn1 = Attention(dim, heads=num_heads, dim_head=head_dim, dropout=dropout, upcast_attention=upcast_attention)
         if cross_attention_dim is not None:
             self.norm2 = nn.LayerNorm(dim)
-            self.attn2 = Attention(dim, cross_attention_dim, heads=num_heads, dim_head=head_dim, dropout=dropout, upcast=upcast_attention)
+            self.attn2 = Attention(dim, cross_attention_dim, heads=num_heads, dim_head=head_dim, dropout=dropout, upcast_attention=upcast_attention)
         else: self.norm2 = self.attn2 = None
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
-    def forward(self, x, encoder_hidden_states=None):   # x: (B, T, dim)
-        x = x + self.attn1(self.norm1(x))
+    def forward(self, x, encoder_hidden_states=None, cross_attention_kwargs=None):   # x: (B, T, dim)
+        x = x + self.attn1(self.norm1(x), cross_attention_kwargs=cross_attention_kwargs)
         # as in diffusers, attn2 falls back to self-attention without `encoder_hidden_states`
-        if self.attn2 is not None: x = x + self.attn2(self.norm2(x), encoder_hidden_states)
+        if self.attn2 is not None: x = x + self.attn2(self.norm2(x), encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
         return x + self.ff(self.norm3(x))
 
 # %% ../nbs/04_unet.ipynb #92e18376
@@ -211,16 +317,22 @@ class Transformer2DModel(nn.Module):
             for _ in range(num_layers)])
         self.proj_out = proj(inner, in_channels)
 
-    def forward(self, x, encoder_hidden_states=None):   # x: (B, C, H, W)
+    def forward(self, x, encoder_hidden_states=None, cross_attention_kwargs=None):   # x: (B, C, H, W)
         B, C, H, W = x.shape
         tokens = lambda t: t.permute(0, 2, 3, 1).reshape(B, H * W, t.shape[1])   # (B, C, H, W) -> (B, HW, C)
         image = lambda t: t.reshape(B, H, W, t.shape[-1]).permute(0, 3, 1, 2).contiguous()   # and back (contiguous: convs and adds stay fast)
         h = self.norm(x)
         if self.use_linear_projection: h = self.proj_in(tokens(h))   # Linear on the tokens (SD 2.x)
         else: h = tokens(self.proj_in(h))                            # 1x1 conv on the image (SD 1.x)
-        for blk in self.transformer_blocks: h = blk(h, encoder_hidden_states)
+        for blk in self.transformer_blocks: h = blk(h, encoder_hidden_states, cross_attention_kwargs)
         h = image(self.proj_out(h)) if self.use_linear_projection else self.proj_out(image(h))
         return h + x
+
+# %% ../nbs/04_unet.ipynb #a77e0c05
+def _run(block:nn.Module, fn, *args, **kwargs):
+    "`fn(*args, **kwargs)`, through `torch.utils.checkpoint` when `block.gradient_checkpointing` and gradients are on."
+    if block.gradient_checkpointing and torch.is_grad_enabled(): return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
 
 # %% ../nbs/04_unet.ipynb #9ef8bd3a
 class DownBlock2D(nn.Module):
@@ -241,12 +353,13 @@ class DownBlock2D(nn.Module):
                                       for i in range(num_layers)])
         self.attentions = nn.ModuleList([make_attn(out_channels) for _ in range(num_layers)]) if make_attn else None
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels, padding=downsample_padding)]) if add_downsample else None
+        self.gradient_checkpointing = False
 
-    def forward(self, x, temb=None, encoder_hidden_states=None):
+    def forward(self, x, temb=None, encoder_hidden_states=None, cross_attention_kwargs=None):
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = resnet(x, temb)
-            if self.attentions is not None: x = self.attentions[i](x, encoder_hidden_states)
+            x = _run(self, resnet, x, temb)
+            if self.attentions is not None: x = _run(self, self.attentions[i], x, encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -269,12 +382,13 @@ class UNetMidBlock2D(nn.Module):
         rb = partial(ResnetBlock2D, channels, channels, temb_channels, groups, eps, dropout, output_scale_factor)
         self.resnets = nn.ModuleList([rb() for _ in range(num_layers + 1)])
         self.attentions = nn.ModuleList([make_attn(channels) for _ in range(num_layers)]) if make_attn else None
+        self.gradient_checkpointing = False
 
-    def forward(self, x, temb=None, encoder_hidden_states=None):
-        x = self.resnets[0](x, temb)
+    def forward(self, x, temb=None, encoder_hidden_states=None, cross_attention_kwargs=None):
+        x = _run(self, self.resnets[0], x, temb)
         for i, resnet in enumerate(self.resnets[1:]):
-            if self.attentions is not None: x = self.attentions[i](x, encoder_hidden_states)
-            x = resnet(x, temb)
+            if self.attentions is not None: x = _run(self, self.attentions[i], x, encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
+            x = _run(self, resnet, x, temb)
         return x
 
 # %% ../nbs/04_unet.ipynb #01220d1b
@@ -298,13 +412,14 @@ class UpBlock2D(nn.Module):
         self.resnets = nn.ModuleList([ResnetBlock2D(ci, out_channels, temb_channels, groups, eps, dropout) for ci in ins])
         self.attentions = nn.ModuleList([make_attn(out_channels) for _ in range(num_layers)]) if make_attn else None
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+        self.gradient_checkpointing = False
 
-    def forward(self, x, skips=None, temb=None, encoder_hidden_states=None, upsample_size=None):
+    def forward(self, x, skips=None, temb=None, encoder_hidden_states=None, upsample_size=None, cross_attention_kwargs=None):
         skips = list(skips or [])
         for i, resnet in enumerate(self.resnets):
             if self.skip_channels is not None: x = torch.cat([x, skips.pop()], dim=1)
-            x = resnet(x, temb)
-            if self.attentions is not None: x = self.attentions[i](x, encoder_hidden_states)
+            x = _run(self, resnet, x, temb)
+            if self.attentions is not None: x = _run(self, self.attentions[i], x, encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs)
         if self.upsamplers is not None: x = self.upsamplers[0](x, upsample_size)
         return x
 
@@ -435,6 +550,33 @@ class UNetConfig:
         if d['cross_attention_dim'] is None: del d['cross_attention_dim']
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
+# %% ../nbs/04_unet.ipynb #a77e0c06
+def _attn_modules(model:nn.Module) -> dict:
+    "Every `Attention` in `model`, by its processor key (`<module name>.processor`)."
+    return {f"{n}.processor": m for n, m in model.named_modules() if isinstance(m, Attention)}
+
+def _set_attn_processor(model:nn.Module, processor):
+    "Set one processor on every `Attention` of `model`, or a dict of them keyed like `attn_processors`."
+    mods = _attn_modules(model)
+    if not isinstance(processor, dict):
+        for m in mods.values(): m.set_processor(processor)
+        return
+    missing, unknown = sorted(set(mods) - set(processor)), sorted(set(processor) - set(mods))
+    if len(processor) != len(mods):
+        raise ValueError(f"A dict of processors was passed, but the number of processors {len(processor)} does not match the number of "
+                         f"attention layers: {len(mods)}. Missing keys: {missing}; unknown keys: {unknown}")
+    if missing or unknown: raise KeyError(f"processor keys are not this model's: missing {missing}; unknown {unknown}")
+    for k, m in mods.items(): m.set_processor(processor[k])
+
+def _attention_slices(model:nn.Module, slice_size) -> list:
+    "Per attention module (in `named_modules` order): its slice size from 'auto' (heads // 2), 'max' (1), an int, a list or None."
+    heads = [m.sliceable_head_dim for m in _attn_modules(model).values()]
+    if slice_size == 'auto': return [max(h // 2, 1) for h in heads]
+    if slice_size == 'max': return [1] * len(heads)
+    sizes = list(slice_size) if isinstance(slice_size, (list, tuple)) else [slice_size] * len(heads)
+    if len(sizes) != len(heads): raise ValueError(f"You have provided {len(sizes)} slice sizes, but the model has {len(heads)} attention layers")
+    return sizes
+
 # %% ../nbs/04_unet.ipynb #279e8597
 class UNet(nn.Module):
     "Stable Diffusion's conditional U-Net; module names equal diffusers' `UNet2DConditionModel`."
@@ -449,7 +591,8 @@ class UNet(nn.Module):
         self.class_embedding = nn.Embedding(c.num_class_embeds, temb_dim) if c.num_class_embeds else None
         common = dict(temb_channels=temb_dim, groups=c.norm_num_groups, eps=c.norm_eps, dropout=c.dropout)
 
-        self.down_blocks, skips = nn.ModuleList(), [chs[0]]
+        # up_blocks is registered before mid_block, as in diffusers: modules (and attention processors) come in diffusers' order
+        self.down_blocks, self.up_blocks, skips = nn.ModuleList(), nn.ModuleList(), [chs[0]]
         for i, ch in enumerate(chs):
             last = i == n - 1
             self.down_blocks.append(DownBlock2D(chs[max(i - 1, 0)], ch, num_layers=c.layers[i], add_downsample=not last,
@@ -462,7 +605,6 @@ class UNet(nn.Module):
             chs[-1], num_layers=int(mid_attn), make_attn=self._attn(n - 1, mid_attn),
             output_scale_factor=c.mid_block_scale_factor, **common)
 
-        self.up_blocks = nn.ModuleList()
         for i, ch in enumerate(reversed(chs)):
             j = n - 1 - i                                          # the matching down level
             nl = c.layers[j] + 1
@@ -481,16 +623,46 @@ class UNet(nn.Module):
                        use_linear_projection=c.use_linear_projection, upcast_attention=c.upcast_attention)
 
     @property
+    def attn_processors(self) -> dict:
+        "`{'down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor': processor, ...}`, diffusers' keys."
+        return {k: m.processor for k, m in _attn_modules(self).items()}
+
+    def set_attn_processor(self, processor):
+        "One processor for every attention module, or a dict keyed exactly like `attn_processors`."
+        _set_attn_processor(self, processor)
+
+    def set_default_attn_processor(self): _set_attn_processor(self, AttnProcessor2_0())
+
+    def set_attention_slice(self, slice_size="auto"):
+        "Sliced attention: 'auto' (half the heads at a time), 'max' (one), an int, a list (one per module) or None (off)."
+        for m, s in zip(_attn_modules(self).values(), _attention_slices(self, slice_size)): m.set_attention_slice(s)
+
+    def enable_gradient_checkpointing(self):
+        "Recompute each block's ResNets and attentions in the backward pass instead of storing their activations."
+        for b in self.modules():
+            if hasattr(b, 'gradient_checkpointing'): b.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self):
+        for b in self.modules():
+            if hasattr(b, 'gradient_checkpointing'): b.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool: return any(getattr(b, 'gradient_checkpointing', False) for b in self.modules())
+
+    @property
     def has_cross_attention(self) -> bool: return any(b.attentions is not None for b in [*self.down_blocks, self.mid_block, *self.up_blocks] if b is not None)
 
     def forward(self,
                 sample:torch.Tensor,                       # (B, in_channels, H, W) noisy input x_t
                 timestep,                                  # int/float, 0-d tensor or (B,) tensor
                 encoder_hidden_states:torch.Tensor|None=None,  # (B, S, cross_attention_dim) text embeddings
-                class_labels:torch.Tensor|None=None        # (B,) int64 when the model has num_class_embeds
+                class_labels:torch.Tensor|None=None,       # (B,) int64 when the model has num_class_embeds
+                cross_attention_kwargs:dict|None=None      # passed to every attention processor
                ) -> torch.Tensor:                          # (B, out_channels, H, W), e.g. the predicted noise
         "Predict from `sample` at `timestep`, conditioned on text (`encoder_hidden_states`) and/or `class_labels`."
         c = self.config
+        if cross_attention_kwargs and "scale" in cross_attention_kwargs:   # diffusers' LoRA scale: `minisd.lora` applies it, processors don't take it
+            cross_attention_kwargs = {k: v for k, v in cross_attention_kwargs.items() if k != "scale"} or None
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
             raise ValueError(f"`sample` has to be (B, {c.in_channels}, H, W) for this U-Net, got {tuple(sample.shape)}")
         if encoder_hidden_states is not None and self.has_cross_attention and (
@@ -510,14 +682,14 @@ class UNet(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for blk in self.down_blocks:
-            x, s = blk(x, emb, encoder_hidden_states)
+            x, s = blk(x, emb, encoder_hidden_states, cross_attention_kwargs)
             skips += s
-        if self.mid_block is not None: x = self.mid_block(x, emb, encoder_hidden_states)
+        if self.mid_block is not None: x = self.mid_block(x, emb, encoder_hidden_states, cross_attention_kwargs)
         for blk in self.up_blocks:
             n = len(blk.resnets)
             res, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[-2:] if skips else None   # upsample to the next level's size (odd sizes)
-            x = blk(x, res, emb, encoder_hidden_states, upsample_size=size)
+            x = blk(x, res, emb, encoder_hidden_states, upsample_size=size, cross_attention_kwargs=cross_attention_kwargs)
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 # %% ../nbs/04_unet.ipynb #a1b2c3d4

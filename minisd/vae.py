@@ -8,9 +8,8 @@ from dataclasses import dataclass, asdict, fields
 from functools import partial
 import torch
 from torch import nn
-import torch.nn.functional as F
 from .core import randn_tensor
-from .unet import Attention, DownBlock2D, UpBlock2D, UNetMidBlock2D
+from .unet import Attention, DownBlock2D, UpBlock2D, UNetMidBlock2D, _attn_modules, _set_attn_processor
 
 # %% auto #0
 __all__ = ['VAEConfig', 'vae_attention', 'Encoder', 'Decoder', 'DiagonalGaussian', 'AutoencoderKL']
@@ -76,7 +75,8 @@ class VAEConfig:
 # %% ../nbs/09_vae.ipynb #42a43f6d
 def vae_attention(channels:int, groups:int=32) -> Attention:
     "The VAE mid-block's single-head self-attention over all pixels, with GroupNorm and residual."
-    return Attention(channels, heads=1, dim_head=channels, bias=True, norm_num_groups=groups, eps=1e-6, residual_connection=True)
+    return Attention(channels, heads=1, dim_head=channels, bias=True, upcast_softmax=True, norm_num_groups=groups, eps=1e-6,
+                     residual_connection=True)
 
 def _mid_block(c:VAEConfig) -> UNetMidBlock2D:
     ch = c.block_out_channels[-1]
@@ -146,6 +146,28 @@ class DiagonalGaussian:
 
     def __repr__(self): return f"DiagonalGaussian(mean: {tuple(self.mean.shape)})"
 
+# %% ../nbs/09_vae.ipynb #b7c1e001
+def _blend(a:torch.Tensor, b:torch.Tensor, extent:int, dim:int) -> torch.Tensor:
+    "`b` with its first `extent` rows (dim 2) or columns (dim 3) cross-faded from the last ones of `a`: weight of `a` 1 -> 1/extent."
+    e = min(a.shape[dim], b.shape[dim], extent)
+    if e == 0: return b
+    shape = [1] * b.ndim; shape[dim] = e
+    w = lambda vals: torch.tensor(vals, dtype=b.dtype, device=b.device).view(shape)
+    head = a.narrow(dim, a.shape[dim] - e, e) * w([1 - y / e for y in range(e)]) + b.narrow(dim, 0, e) * w([y / e for y in range(e)])
+    return torch.cat([head, b.narrow(dim, e, b.shape[dim] - e)], dim=dim)
+
+def _tiled(fn, x:torch.Tensor, tile:int, out_tile:int, overlap:float=0.25) -> torch.Tensor:
+    "`fn` on overlapping `tile` x `tile` pieces of `x` (each giving `out_tile` x `out_tile`), blended and stitched (diffusers' tiled VAE)."
+    stride, extent = int(tile * (1 - overlap)), int(out_tile * overlap)
+    keep = out_tile - extent
+    rows = [[fn(x[:, :, i:i + tile, j:j + tile]) for j in range(0, x.shape[3], stride)] for i in range(0, x.shape[2], stride)]
+    for i, row in enumerate(rows):
+        for j, t in enumerate(row):
+            if i > 0: t = _blend(rows[i - 1][j], t, extent, 2)
+            if j > 0: t = _blend(row[j - 1], t, extent, 3)
+            row[j] = t   # later neighbours blend with the blended tile, as diffusers' in-place blending does
+    return torch.cat([torch.cat([t[:, :, :keep, :keep] for t in row], dim=3) for row in rows], dim=2)
+
 # %% ../nbs/09_vae.ipynb #a6c089da
 class AutoencoderKL(nn.Module):
     "Stable Diffusion's VAE; module names equal diffusers' `AutoencoderKL`."
@@ -155,19 +177,47 @@ class AutoencoderKL(nn.Module):
         self.encoder, self.decoder = Encoder(c), Decoder(c)
         self.quant_conv = nn.Conv2d(2 * c.latent_channels, 2 * c.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(c.latent_channels, c.latent_channels, 1)
+        self.use_slicing = self.use_tiling = False
+        self.tile_sample_min_size, self.tile_overlap_factor = c.sample_size, 0.25   # tiles of the training size, 1/4 overlap
+        self.tile_latent_min_size = c.sample_size // c.downscale
+
+    def _encode(self, x):
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size: return self._tiled_encode(x)
+        return self.quant_conv(self.encoder(x))
+
+    def _tiled_encode(self, x): return _tiled(lambda t: self.quant_conv(self.encoder(t)), x, self.tile_sample_min_size, self.tile_latent_min_size, self.tile_overlap_factor)
 
     def encode(self, x:torch.Tensor) -> DiagonalGaussian:
         "Image `(B, C, H, W)` (SD: in [-1, 1]) -> posterior over latents `(B, latent_channels, H/f, W/f)`."
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        if self.use_slicing and x.shape[0] > 1: return DiagonalGaussian(torch.cat([self._encode(xi) for xi in x.split(1)]))
+        return DiagonalGaussian(self._encode(x))
+
+    def tiled_decode(self, z:torch.Tensor) -> torch.Tensor:
+        "Decode tile by tile (`tile_latent_min_size` latents, overlapping by `tile_overlap_factor`) and blend."
+        return _tiled(lambda t: self.decoder(self.post_quant_conv(t)), z, self.tile_latent_min_size, self.tile_sample_min_size, self.tile_overlap_factor)
+
+    def _decode(self, z):
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size: return self.tiled_decode(z)
+        return self.decoder(self.post_quant_conv(z))
 
     def decode(self, z:torch.Tensor) -> torch.Tensor:
         "Latents (unscaled: divide by `scaling_factor` first) -> image."
-        return self.decoder(self.post_quant_conv(z))
+        if self.use_slicing and z.shape[0] > 1: return torch.cat([self._decode(zi) for zi in z.split(1)])
+        return self._decode(z)
 
     def forward(self, x:torch.Tensor, sample_posterior:bool=False, generator:torch.Generator|None=None) -> torch.Tensor:
         "Reconstruct `x` through the latents (the posterior's mode, or a sample)."
         post = self.encode(x)
         return self.decode(post.sample(generator) if sample_posterior else post.mode())
+
+    def enable_slicing(self): self.use_slicing = True     # encode/decode a batch one image at a time
+    def disable_slicing(self): self.use_slicing = False
+    def enable_tiling(self): self.use_tiling = True       # encode/decode inputs larger than a tile in blended tiles
+    def disable_tiling(self): self.use_tiling = False
+
+    @property
+    def attn_processors(self) -> dict: return {k: m.processor for k, m in _attn_modules(self).items()}
+    def set_attn_processor(self, processor): _set_attn_processor(self, processor)
 
 # %% ../nbs/09_vae.ipynb #a1b2c3d5
 AutoencoderKL.dtype = property(lambda self: next(self.parameters()).dtype, doc="The parameters' dtype, as diffusers' models have it.")

@@ -143,9 +143,11 @@ def assert_same_sd(a, b):
     assert sorted(a) == sorted(b), (sorted(set(a) - set(b))[:5], sorted(set(b) - set(a))[:5])
     for k in a: torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
-@pytest.fixture(scope='module', params=['sd1', 'sd2', 'inpaint'])
+CASE_IN_CHANNELS = {'sd1': 4, 'sd2': 4, 'inpaint': 9, 'instruct_pix2pix': 8}
+
+@pytest.fixture(scope='module', params=list(CASE_IN_CHANNELS))
 def case(request):
-    sd2, inch = request.param == 'sd2', 9 if request.param == 'inpaint' else 4
+    sd2, inch = request.param == 'sd2', CASE_IN_CHANNELS[request.param]
     unet, vae, clip = tiny_unet(sd2, inch), tiny_vae(), tiny_clip(sd2)
     ldm = {**unet_to_ldm(unet.state_dict(), 2), **vae_to_ldm(vae.state_dict(), 2),
            **(clip_to_open_clip(clip.state_dict()) if sd2 else clip_to_ldm(clip.state_dict()))}
@@ -341,9 +343,15 @@ def test_load_single_file_matches_diffusers_modules(case, fmt, tmp_path, tok_dir
     if fmt == 'safetensors': save_file({k: v.contiguous() for k, v in case['ldm'].items()}, f)
     else: torch.save({'state_dict': case['ldm'], 'global_step': 1234}, f)
     (tmp_path/'model.yaml').write_text(__import__('yaml').safe_dump(case['orig']))  # found next to the checkpoint
-    from minisd.pipeline import StableDiffusion
-    pipe = StableDiffusion.from_single_file(f, config=TEXT_OVERRIDES, tokenizer=tok_dir)
-    x, t, ctx = _unet_inputs(case['unet'].config.in_channels)
+    import minisd
+    inch = case['unet'].config.in_channels
+    cls = getattr(minisd, MINISD_PIPELINE_CLASSES[pipeline_class_name(inch)])   # recognised by the U-Net's input channels
+    assert cls.__name__ == {4: 'StableDiffusion', 8: 'StableDiffusionInstructPix2Pix', 9: 'StableDiffusionInpaint'}[inch]
+    pipe = cls.from_single_file(f, config=TEXT_OVERRIDES, tokenizer=tok_dir)
+    if inch != 4:   # the text-to-image class refuses an editing checkpoint, naming the class to use
+        with pytest.raises(ValueError, match=f'has {inch}: .*load it with minisd.{cls.__name__}$'):
+            minisd.StableDiffusion.from_single_file(f, config=TEXT_OVERRIDES, tokenizer=tok_dir)
+    x, t, ctx = _unet_inputs(inch)
     torch.testing.assert_close(pipe.unet(x, t, ctx), case['unet'](x, t, ctx).sample, atol=1e-5, rtol=1e-4)
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(pipe.vae.decode(z), case['vae'].decode(z).sample, atol=1e-5, rtol=1e-4)

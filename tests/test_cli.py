@@ -176,8 +176,7 @@ def tiny_model(tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     for i in range(4):
         Image.fromarray((torch.rand(20, 20, generator=g) * 255).byte().numpy(), 'L').save(d/'ims'/f'{i}.png')
-    (d/'ims'/'metadata.jsonl').write_text('\n'.join(json.dumps({'file_name': f'{i}.png', 'text': f'a thin {w}'}) for i, w in enumerate(['five', 'two', 'six'])))
-    (d/'ims'/'3.txt').write_text('a bold two')
+    (d/'ims'/'metadata.jsonl').write_text('\n'.join(json.dumps({'file_name': f'{i}.png', 'text': f'a thin {w}'}) for i, w in enumerate(['five', 'two', 'six', 'seven'])))
     return d
 
 
@@ -185,8 +184,8 @@ def test_textual_inversion_command_resumes(tiny_model, tmp_path):
     "Interrupted after its first checkpoint, the command resumes from it and ends with the file diffusers reads."
     from safetensors.torch import load_file
     import minisd.ti_training
-    argv = ['textual-inversion', '--model', str(tiny_model/'model'), '--data', str(tiny_model/'ims'), '--out', str(tmp_path/'ti'),
-            '--token', '<dots>', '--initializer-token', 'a', '--steps', '60', '--bs', '2', '--device', 'cpu']
+    argv = ['textual-inversion', '--model', str(tiny_model/'model'), '--images', str(tiny_model/'ims'), '--out', str(tmp_path/'ti'),
+            '--token', '<dots>', '--initializer-token', 'a', '--steps', '60', '--batch-size', '2', '--device', 'cpu']
     calls, real = [0], minisd.ti_training.ddpm_loss
     def flaky(*a, **k):  # Ctrl-C on step 55: the checkpoint of step 50 is on disk
         calls[0] += 1
@@ -208,9 +207,9 @@ def test_textual_inversion_command_resumes(tiny_model, tmp_path):
 def test_finetune_and_dreambooth_commands(tiny_model, tmp_path):
     from minisd.pipeline import StableDiffusion
     m, ims = str(tiny_model/'model'), str(tiny_model/'ims')
-    assert main(['finetune', '--model', m, '--data', ims, '--out', str(tmp_path/'ft'), '--epochs', '1', '--bs', '2', '--device', 'cpu']) == 0
-    assert main(['dreambooth', '--model', m, '--data', ims, '--out', str(tmp_path/'db'), '--instance-prompt', 'a sks two',
-                 '--class-prompt', 'a bold two', '--num-class-images', '2', '--steps', '2', '--bs', '2', '--device', 'cpu']) == 0
+    assert main(['finetune', '--model', m, '--images', ims, '--out', str(tmp_path/'ft'), '--epochs', '1', '--batch-size', '2', '--device', 'cpu']) == 0
+    assert main(['dreambooth', '--model', m, '--images', ims, '--out', str(tmp_path/'db'), '--instance-prompt', 'a sks two',
+                 '--class-prompt', 'a bold two', '--num-class-images', '2', '--steps', '2', '--batch-size', '2', '--device', 'cpu']) == 0
     base = StableDiffusion.from_pretrained(m).unet.state_dict()
     for run in ('ft', 'db'):
         assert (tmp_path/run/'checkpoints').is_dir()
@@ -219,13 +218,13 @@ def test_finetune_and_dreambooth_commands(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize('setup, needle', [
-    (lambda d: None, 'no images in'),
-    (lambda d: Image.new('RGB', (16, 16)).save(d/'a.png'), '3 channels (mode RGB) but the pipeline takes 1'),
-    (lambda d: (d/'a.png').write_bytes(b'not an image'), "can't read image"),
+    (lambda d: None, 'no images ('),
+    (lambda d: Image.new('RGB', (16, 16)).save(d/'a.png'), 'has 3 channels (RGB); this model takes 1 (L)'),
+    (lambda d: (d/'a.png').write_bytes(b'not an image'), "cannot read image"),
 ])
 def test_bad_image_folder_one_line(tiny_model, tmp_path, capsys, setup, needle):
     d = tmp_path/'ims'; d.mkdir(); setup(d)
-    argv = ['textual-inversion', '--model', str(tiny_model/'model'), '--data', str(d), '--out', str(tmp_path/'o'),
+    argv = ['textual-inversion', '--model', str(tiny_model/'model'), '--images', str(d), '--out', str(tmp_path/'o'),
             '--token', '<x>', '--initializer-token', 'a', '--steps', '1']
     assert main(argv) == 1
     err = capsys.readouterr().err
@@ -235,8 +234,90 @@ def test_bad_image_folder_one_line(tiny_model, tmp_path, capsys, setup, needle):
 def test_missing_captions_and_class_prompt(tiny_model, tmp_path, capsys):
     d = tmp_path/'ims'; d.mkdir()
     Image.new('L', (16, 16)).save(d/'a.png')
-    assert main(['finetune', '--model', str(tiny_model/'model'), '--data', str(d), '--out', str(tmp_path/'o')]) == 1
-    assert 'no caption for a.png' in capsys.readouterr().err
-    assert main(['dreambooth', '--model', str(tiny_model/'model'), '--data', str(d), '--out', str(tmp_path/'o'),
+    assert main(['finetune', '--model', str(tiny_model/'model'), '--images', str(d), '--out', str(tmp_path/'o')]) == 1
+    assert 'no prompt for the images in' in capsys.readouterr().err
+    assert main(['dreambooth', '--model', str(tiny_model/'model'), '--images', str(d), '--out', str(tmp_path/'o'),
                  '--instance-prompt', 'a sks two']) == 1
     assert '--class-prompt' in capsys.readouterr().err
+# --------------------------------------------------------------------------------------------------------------
+# minisd lora, generate --lora
+
+@pytest.fixture(scope='module')
+def digit_folder(tmp_path_factory):
+    "Eight 28x28 MNIST digits as PNGs with a metadata.jsonl of captions (Hugging Face's imagefolder layout)."
+    import json
+    from minisd.data import load_mnist, caption
+    d = tmp_path_factory.mktemp('digits')
+    x, y = load_mnist('train', 'embedded')
+    lines = []
+    for i in range(8):
+        Image.fromarray((x[i, 0] * 255).byte().numpy(), 'L').save(d/f'{i}.png')
+        lines.append(json.dumps({'file_name': f'{i}.png', 'text': caption(int(y[i]))}))
+    (d/'metadata.jsonl').write_text('\n'.join(lines) + '\n')
+    return d
+
+
+def lora_args(run, images, out, *extra):
+    return ['lora', '--model', str(run), '--images', str(images), '--out', str(out), '--epochs', '3', '--batch-size', '4',
+            '--device', 'cpu', *extra]
+
+
+def test_lora_interrupted_then_resumed_equals_one_run(run_dir, digit_folder, tmp_path, capsys):
+    "Ctrl-C mid-training: status 130 and a hint; the rerun resumes from the checkpoint and ends where one run ends."
+    from safetensors.torch import load_file
+    import minisd.ddpm
+    run, *_ = run_dir
+    assert main(lora_args(run, digit_folder, tmp_path/'once')) == 0
+    calls, real = [0], minisd.ddpm.ddpm_loss
+    def flaky(*a, **k):   # Ctrl-C on the 4th step (in the 2nd epoch)
+        calls[0] += 1
+        if calls[0] == 4: raise KeyboardInterrupt
+        return real(*a, **k)
+    mp = pytest.MonkeyPatch(); mp.setattr(minisd.ddpm, 'ddpm_loss', flaky)
+    assert main(lora_args(run, digit_folder, tmp_path/'twice')) == 130
+    mp.undo()
+    assert 'run the same command again to resume' in capsys.readouterr().err
+    assert not (tmp_path/'twice'/'pytorch_lora_weights.safetensors').exists()
+    assert main(lora_args(run, digit_folder, tmp_path/'twice')) == 0
+    a, b = (load_file(str(tmp_path/d/'pytorch_lora_weights.safetensors')) for d in ('once', 'twice'))
+    assert a.keys() == b.keys() and len(a) > 0 and all(k.startswith('unet.') for k in a)
+    for k in a: torch.testing.assert_close(a[k], b[k])
+
+
+def test_generate_with_lora_scales(run_dir, digit_folder, tmp_path):
+    run, *_ = run_dir
+    assert main(lora_args(run, digit_folder, tmp_path/'l', '--prompt', 'a handwritten digit', '--rank', '2', '--alpha', '4')) == 0
+    f = tmp_path/'l'/'pytorch_lora_weights.safetensors'
+    gen = ['generate', 'seven', '--model', str(run), '--steps', '3', '--device', 'cpu']
+    im = {}
+    for name, extra in (('plain', []), ('zero', ['--lora', f'{f}:0']), ('one', ['--lora', str(f)]),
+                        ('folder', ['--lora', str(tmp_path/'l')]), ('two', ['--lora', f'{f}:0.5', '--lora', f'{f}:0.5'])):
+        assert main(gen + ['--out', str(tmp_path/f'{name}.png'), *extra]) == 0
+        im[name] = Image.open(tmp_path/f'{name}.png').tobytes()
+    assert im['zero'] == im['plain'] and im['one'] != im['plain'] and im['folder'] == im['one']
+    assert im['two'] != im['plain']   # two LoRAs stack (each fused at its scale, then unloaded)
+
+
+def test_lora_bad_input_one_line(run_dir, digit_folder, tmp_path, capsys):
+    run, *_ = run_dir
+    bad = tmp_path/'bad'; bad.mkdir()
+    (bad/'broken.png').write_bytes(b'not an image')
+    rgb = tmp_path/'rgb'; rgb.mkdir(); Image.new('RGB', (28, 28)).save(rgb/'a.png')
+    nocap = tmp_path/'nocap'; nocap.mkdir(); Image.new('L', (28, 28)).save(nocap/'a.png')
+    empty = tmp_path/'empty'; empty.mkdir()
+    cases = [(lora_args(run, tmp_path/'missing', tmp_path/'o'), 'image folder not found'),
+             (lora_args(run, empty, tmp_path/'o', '--prompt', 'x'), 'no images'),
+             (lora_args(run, bad, tmp_path/'o', '--prompt', 'x'), 'cannot read image'),
+             (lora_args(run, rgb, tmp_path/'o', '--prompt', 'x'), 'has 3 channels (RGB); this model takes 1 (L)'),
+             (lora_args(run, nocap, tmp_path/'o'), 'no prompt for the images'),
+             (lora_args(tmp_path/'nomodel', digit_folder, tmp_path/'o'), 'model not found')]
+    for argv, needle in cases:
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert needle in err and '\n' not in err and err.startswith('minisd lora: error:'), err
+    from safetensors.torch import save_file
+    save_file({'lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight': torch.zeros(2, 8)}, str(tmp_path/'k.safetensors'))
+    assert main(['generate', 'x', '--model', str(run), '--lora', str(tmp_path/'k.safetensors'), '--out', str(tmp_path/'x.png')]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('minisd generate: error: --lora') and 'lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight' in err
+    assert '\n' not in err and not (tmp_path/'x.png').exists()

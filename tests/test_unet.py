@@ -111,8 +111,8 @@ def test_timestep_forms_agree():
         assert not torch.allclose(ours(x, 43, ehs), a)
 
 def test_upcast_attention_half():
-    "upcast computes attention in fp32 and returns the input dtype."
-    attn = Attention(16, heads=2, dim_head=8, upcast=True).half()
+    "upcast_attention computes attention in fp32 and returns the input dtype."
+    attn = Attention(16, heads=2, dim_head=8, upcast_attention=True).half()
     x = torch.randn(1, 5, 16).half()
     out = attn(x)
     assert out.dtype == torch.float16
