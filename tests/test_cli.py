@@ -163,6 +163,82 @@ def test_mnist_pipeline_trains_once_then_reuses(tmp_path, monkeypatch):
     assert tr.mnist_pipeline().path == tmp_path/'env'/'mnist_sd_fast' and calls[-1][1] == tr.MnistRecipe.fast()
 
 
+# ---- training commands: finetune, textual-inversion, dreambooth
+
+@pytest.fixture(scope='module')
+def tiny_model(tmp_path_factory):
+    "A tiny random 1-channel pipeline folder (16x16 images) and a folder of four captioned grayscale images."
+    from test_ti_training import tiny_pipe
+    import json
+    d = tmp_path_factory.mktemp('train_cmds')
+    tiny_pipe().save_pretrained(d/'model')
+    (d/'ims').mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        Image.fromarray((torch.rand(20, 20, generator=g) * 255).byte().numpy(), 'L').save(d/'ims'/f'{i}.png')
+    (d/'ims'/'metadata.jsonl').write_text('\n'.join(json.dumps({'file_name': f'{i}.png', 'text': f'a thin {w}'}) for i, w in enumerate(['five', 'two', 'six', 'seven'])))
+    return d
+
+
+def test_textual_inversion_command_resumes(tiny_model, tmp_path):
+    "Interrupted after its first checkpoint, the command resumes from it and ends with the file diffusers reads."
+    from safetensors.torch import load_file
+    import minisd.ti_training
+    argv = ['textual-inversion', '--model', str(tiny_model/'model'), '--images', str(tiny_model/'ims'), '--out', str(tmp_path/'ti'),
+            '--token', '<dots>', '--initializer-token', 'a', '--steps', '60', '--batch-size', '2', '--device', 'cpu']
+    calls, real = [0], minisd.ti_training.ddpm_loss
+    def flaky(*a, **k):  # Ctrl-C on step 55: the checkpoint of step 50 is on disk
+        calls[0] += 1
+        if calls[0] == 55: raise KeyboardInterrupt
+        return real(*a, **k)
+    mp = pytest.MonkeyPatch(); mp.setattr(minisd.ti_training, 'ddpm_loss', flaky)
+    assert main(argv) == 130
+    mp.undo()
+    assert load_state(tmp_path/'ti'/'checkpoints'/'textual_inversion.safetensors')['pos']['n_steps'] == 50
+    calls[0] = 0
+    mp.setattr(minisd.ti_training, 'ddpm_loss', lambda *a, **k: (calls.__setitem__(0, calls[0] + 1), real(*a, **k))[1])
+    assert main(argv) == 0
+    mp.undo()
+    assert calls[0] == 10                                    # only the 10 steps left
+    sd = load_file(tmp_path/'ti'/'learned_embeds.safetensors')
+    assert list(sd) == ['<dots>'] and sd['<dots>'].shape == (1, 32)
+
+
+def test_finetune_and_dreambooth_commands(tiny_model, tmp_path):
+    from minisd.pipeline import StableDiffusion
+    m, ims = str(tiny_model/'model'), str(tiny_model/'ims')
+    assert main(['finetune', '--model', m, '--images', ims, '--out', str(tmp_path/'ft'), '--epochs', '1', '--batch-size', '2', '--device', 'cpu']) == 0
+    assert main(['dreambooth', '--model', m, '--images', ims, '--out', str(tmp_path/'db'), '--instance-prompt', 'a sks two',
+                 '--class-prompt', 'a bold two', '--num-class-images', '2', '--steps', '2', '--batch-size', '2', '--device', 'cpu']) == 0
+    base = StableDiffusion.from_pretrained(m).unet.state_dict()
+    for run in ('ft', 'db'):
+        assert (tmp_path/run/'checkpoints').is_dir()
+        new = StableDiffusion.from_pretrained(tmp_path/run).unet.state_dict()
+        assert any(not torch.equal(base[k], new[k]) for k in base)
+
+
+@pytest.mark.parametrize('setup, needle', [
+    (lambda d: None, 'no images ('),
+    (lambda d: Image.new('RGB', (16, 16)).save(d/'a.png'), 'has 3 channels (RGB); this model takes 1 (L)'),
+    (lambda d: (d/'a.png').write_bytes(b'not an image'), "cannot read image"),
+])
+def test_bad_image_folder_one_line(tiny_model, tmp_path, capsys, setup, needle):
+    d = tmp_path/'ims'; d.mkdir(); setup(d)
+    argv = ['textual-inversion', '--model', str(tiny_model/'model'), '--images', str(d), '--out', str(tmp_path/'o'),
+            '--token', '<x>', '--initializer-token', 'a', '--steps', '1']
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert needle in err and err.count('\n') == 1
+
+
+def test_missing_captions_and_class_prompt(tiny_model, tmp_path, capsys):
+    d = tmp_path/'ims'; d.mkdir()
+    Image.new('L', (16, 16)).save(d/'a.png')
+    assert main(['finetune', '--model', str(tiny_model/'model'), '--images', str(d), '--out', str(tmp_path/'o')]) == 1
+    assert 'no prompt for the images in' in capsys.readouterr().err
+    assert main(['dreambooth', '--model', str(tiny_model/'model'), '--images', str(d), '--out', str(tmp_path/'o'),
+                 '--instance-prompt', 'a sks two']) == 1
+    assert '--class-prompt' in capsys.readouterr().err
 # --------------------------------------------------------------------------------------------------------------
 # minisd lora, generate --lora
 
