@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from .core import default_device, atomic_write, image_grid
+from .learner import is_main_process
 
 # %% auto #0
 __all__ = ['DTYPES', 'TRAINING_COMMANDS', 'build_parser', 'save_image', 'CLIError', 'generate', 'apply_loras',
@@ -258,10 +259,11 @@ def main(argv:list[str]|None=None) -> int: # arguments (default: `sys.argv[1:]`)
     "The `minisd` command; returns the exit status."
     args = build_parser().parse_args(argv)
     try:
-        if args.command == 'generate': print(f"saved {generate(args)}")
-        elif args.command == 'lora': print(f"saved the LoRA to {train_lora_command(args)}")
-        elif args.command in TRAINING_COMMANDS: print(f"saved {TRAINING_COMMANDS[args.command](args)}")
-        else: print(f"saved the pipeline to {train(args)}")
+        if args.command == 'generate': msg = f"saved {generate(args)}"
+        elif args.command == 'lora': msg = f"saved the LoRA to {train_lora_command(args)}"
+        elif args.command in TRAINING_COMMANDS: msg = f"saved {TRAINING_COMMANDS[args.command](args)}"
+        else: msg = f"saved the pipeline to {train(args)}"
+        if is_main_process(): print(msg)   # under torchrun: one line, from process 0
     except (CLIError, OSError, ValueError, RuntimeError) as e:  # missing/corrupted files, bad values, no network
         print(f"minisd {args.command}: error: {e}", file=sys.stderr)
         return 1
