@@ -8,9 +8,10 @@ import torch
 from .pipeline import StableDiffusion, _as_prompt_list, _eval_mode
 from .ddpm import ddpm_loss
 from .inpainting import _per_output
+from .attention import AttentionReplace, attention_controller
 
 # %% auto #0
-__all__ = ['instruct_pix2pix_guidance', 'StableDiffusionInstructPix2Pix', 'instruct_pix2pix_step']
+__all__ = ['instruct_pix2pix_guidance', 'StableDiffusionInstructPix2Pix', 'prompt_to_prompt_pairs', 'instruct_pix2pix_step']
 
 # %% ../nbs/23_instruct_pix2pix.ipynb #3d6f32d8
 def instruct_pix2pix_guidance(eps:torch.Tensor, # (3B, ...) predictions for [image + instruction, image only, neither]
@@ -81,6 +82,21 @@ class StableDiffusionInstructPix2Pix(StableDiffusion):
                                    **({"eta": eta} if eta else {}))
             if output_type == "latent": return latents
             return self.postprocess(self.decode_latents(latents), output_type)
+
+# %% ../nbs/23_instruct_pix2pix.ipynb #b7d1e0a1
+def prompt_to_prompt_pairs(pipe:StableDiffusion, source:str, # the source caption
+                           targets:list[str], # the edited captions, each with the same number of words as `source`
+                           latents:torch.Tensor, # (n,c,h,w) one starting noise per pair
+                           num_inference_steps:int=20, guidance_scale:float=5.0,
+                           cross_replace_steps=0.8, self_replace_steps=0.4) -> torch.Tensor:
+    "Prompt-to-Prompt (word swap) images `(1 + len(targets), n, C, H, W)` in [0, 1]: row 0 the source, then one row per edit."
+    prompts, n = [source, *targets], len(latents)
+    ctl = AttentionReplace(prompts, pipe.tokenizer, num_inference_steps, cross_replace_steps=cross_replace_steps,
+                           self_replace_steps=self_replace_steps, images_per_prompt=n)
+    with torch.no_grad(), attention_controller(pipe.unet, ctl):
+        x = pipe(prompts, latents=latents.repeat(len(prompts), 1, 1, 1), num_images_per_prompt=n,
+                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type='pt')
+    return x.view(len(prompts), n, *x.shape[1:])
 
 # %% ../nbs/23_instruct_pix2pix.ipynb #8c29ecb4
 def instruct_pix2pix_step(scheduler, # the training noise schedule (DDPM)

@@ -301,3 +301,18 @@ def test_instruct_pix2pix_conditioning_dropout(inpaint4):
     frac = lambda m: m.float().mean().item()
     assert abs(frac(~has_text & has_img) - 0.2) < 0.03 and abs(frac(~has_text & ~has_img) - 0.2) < 0.03
     assert abs(frac(has_text & ~has_img) - 0.2) < 0.03 and abs(frac(has_text & has_img) - 0.4) < 0.03
+
+def test_prompt_to_prompt_pairs(inpaint4):
+    "Row 0 is the plain image of the source caption; with empty injection windows the edits are the plain images of theirs."
+    from minisd.instruct_pix2pix import prompt_to_prompt_pairs
+    pipe = load(StableDiffusion, inpaint4[2])
+    z = torch.randn(2, 4, 4, 4, generator=gen(0))
+    src, tgts = "a thin five", ["a sloppy eight", "the number three"]
+    plain = lambda c: pipe([c], latents=z, num_images_per_prompt=2, num_inference_steps=4, guidance_scale=5.0, output_type='pt')
+    pp = prompt_to_prompt_pairs(pipe, src, tgts, z, num_inference_steps=4)
+    assert pp.shape == (3, 2, 1, 16, 16)
+    assert_close(pp[0], plain(src), **ATOL)
+    off = prompt_to_prompt_pairs(pipe, src, tgts, z, num_inference_steps=4, cross_replace_steps=0., self_replace_steps=0.)
+    for i, c in enumerate(tgts): assert_close(off[i + 1], plain(c), **ATOL)
+    assert (pp[1:] - off[1:]).abs().max() > 1e-4   # the source's maps, injected, change the edits
+    with pytest.raises(ValueError, match='same number of words'): prompt_to_prompt_pairs(pipe, src, ["eight"], z)
