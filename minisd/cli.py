@@ -17,6 +17,7 @@ __all__ = ['DTYPES', 'TRAINING_COMMANDS', 'build_parser', 'save_image', 'CLIErro
 
 # %% ../nbs/16_cli.ipynb #a3a426b1
 DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+_MIN_VIEW = 256   # pixels across: `generate` enlarges smaller images (a 32x32 MNIST digit is a speck on screen)
 
 def _positive(s:str) -> int:
     v = int(s)
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--width', type=_positive, help='image width (default: the model\'s)')
     g.add_argument('--init-image', help='img2img: start from this image')
     g.add_argument('--strength', type=_strength, default=0.8, help='img2img: how much to change the image, in [0, 1] (default: 0.8)')
+    g.add_argument('--upscale', type=_positive, help='save the image(s) K times larger, nearest pixels (default: K so that a '
+                   f'small image is at least {_MIN_VIEW} pixels across; 1 for the native size)')
     g.add_argument('--device', help='cpu, cuda, mps (default: the best available)')
     g.add_argument('--dtype', choices=['auto', *DTYPES], default='auto', help='model precision (default: float16 on CUDA, else float32)')
     g.add_argument('--textual-inversion', action='append', default=[], metavar='FILE[:TOKEN]',
@@ -144,6 +147,7 @@ def generate(args) -> Path:
         except (OSError, ValueError) as e: raise CLIError(f"can't read --init-image {args.init_image}: {e}") from None
     device, dtype = _device_dtype(args.device, args.dtype)
     pipe = StableDiffusion.from_pretrained(args.model, torch_dtype=dtype, device=device)
+    if init is not None: init = _native_size(init, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty())   # a bar in a terminal, no frames in a log file
     for f, tok in embeddings: pipe.load_textual_inversion(f, token=tok)
     apply_loras(pipe, args.lora)
@@ -151,7 +155,15 @@ def generate(args) -> Path:
     ims = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                guidance_scale=args.guidance_scale, num_images_per_prompt=args.num_images,
                generator=torch.Generator(device).manual_seed(args.seed), **kw)
-    return save_image(image_grid(ims), args.out)
+    k = args.upscale or max(1, -(-_MIN_VIEW // min(ims[0].size)))   # ceil: the smaller side reaches _MIN_VIEW
+    grid = image_grid(ims)
+    return save_image(grid.resize((grid.width * k, grid.height * k), Image.NEAREST) if k > 1 else grid, args.out)
+
+def _native_size(im:Image.Image, size:int) -> Image.Image:
+    "An image that is an exact k-times enlargement of `size` x `size` (an upscaled output of `generate`) shrunk back."
+    w, h = im.size
+    if size < _MIN_VIEW and w == h and w > size and w % size == 0: return im.resize((size, size), Image.NEAREST)
+    return im
 
 def _lora_spec(s:str) -> tuple:
     "`FILE[:SCALE]` -> `(FILE, SCALE)`; a colon not followed by a number belongs to the file name."

@@ -86,8 +86,9 @@ def test_train_mnist_other_epochs(run_dir, capsys):
     assert {f: (ck/f).stat().st_mtime_ns for f in before} == before
 
 
-@pytest.mark.parametrize('extra, size', [([], (32, 32)), (['--num-images', '4'], (64, 64)),
-                                        (['--num-images', '3', '--height', '16', '--width', '32'], (64, 32))])
+@pytest.mark.parametrize('extra, size', [([], (256, 256)), (['--num-images', '4'], (512, 512)),   # 32x32 enlarged 8x
+                                        (['--upscale', '1'], (32, 32)), (['--upscale', '3'], (96, 96)),
+                                        (['--num-images', '3', '--height', '16', '--width', '32', '--upscale', '1'], (64, 32))])
 def test_generate_png_size(run_dir, tmp_path, extra, size):
     out, *_ = run_dir
     f = tmp_path/'sub'/'img.png'
@@ -102,7 +103,7 @@ def test_generate_seeded_and_img2img(run_dir, tmp_path):
     for n in ('a', 'b'): assert main(args + ['--out', str(tmp_path/f'{n}.png')]) == 0
     assert Image.open(tmp_path/'a.png').tobytes() == Image.open(tmp_path/'b.png').tobytes()   # same seed, same image
     assert main(args + ['--out', str(tmp_path/'i2i.png'), '--init-image', str(tmp_path/'a.png'), '--strength', '0.5']) == 0
-    assert Image.open(tmp_path/'i2i.png').size == (32, 32)
+    assert Image.open(tmp_path/'i2i.png').size == (256, 256)   # the enlarged a.png went in shrunk back to 32x32
     assert main(args + ['--out', str(tmp_path/'x.png'), '--init-image', str(tmp_path/'missing.png')]) == 1
 
 
@@ -321,3 +322,11 @@ def test_lora_bad_input_one_line(run_dir, digit_folder, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith('minisd generate: error: --lora') and 'lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight' in err
     assert '\n' not in err and not (tmp_path/'x.png').exists()
+
+
+def test_native_size_undoes_only_generates_enlargement():
+    from minisd.cli import _native_size
+    assert _native_size(Image.new('L', (256, 256)), 32).size == (32, 32)      # an 8x enlarged MNIST output
+    assert _native_size(Image.new('L', (96, 64), 0), 32).size == (96, 64)     # not square: left alone
+    assert _native_size(Image.new('L', (100, 100)), 32).size == (100, 100)    # not a whole multiple
+    assert _native_size(Image.new('RGB', (1024, 1024)), 512).size == (1024, 1024)   # real SD sizes are never touched
