@@ -7,23 +7,14 @@ from minisd.inpainting import StableDiffusionInpaint
 from minisd.instruct_pix2pix import StableDiffusionInstructPix2Pix, instruct_pix2pix_guidance
 from minisd.pipeline import StableDiffusion
 from minisd.tokenizer import CLIPTokenizer
+from tiny_sd import unet_cfg, vae_cfg, SCHED, ATOL, gen
 
 diffusers = pytest.importorskip('diffusers')
 transformers = pytest.importorskip('transformers')
 
 CAPTIONS = ["a handwritten digit seven", "turn it into a five", "make it bold", "a picture of a zero", "a thin five",
             "the number three", "a sloppy eight", "make it thin", "six"]
-def unet_cfg(in_channels): return dict(sample_size=4, in_channels=in_channels, out_channels=4, layers_per_block=1,
-    block_out_channels=[16, 32], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-def vae_cfg(channels): return dict(in_channels=channels, out_channels=channels, latent_channels=4, block_out_channels=[8, 16, 16],
-    layers_per_block=1, down_block_types=["DownEncoderBlock2D"]*3, up_block_types=["UpDecoderBlock2D"]*3, norm_num_groups=4,
-    sample_size=16, scaling_factor=0.5)
-SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-             clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-ATOL = dict(atol=2e-4, rtol=1e-4)
 
-def gen(seed): return torch.Generator().manual_seed(seed)
 
 @pytest.fixture(scope='module')
 def tok_dir(tmp_path_factory):

@@ -5,25 +5,16 @@ from torch.testing import assert_close
 from minisd.pipeline import StableDiffusion
 from minisd.tokenizer import CLIPTokenizer
 from minisd import lora as ml
+from tiny_sd import UNET, VAE, SCHED, ATOL, gen
 
 diffusers = pytest.importorskip('diffusers')
 transformers = pytest.importorskip('transformers')
 peft = pytest.importorskip('peft')
 
 CAPTIONS = ["a handwritten digit seven", "the number three", "a picture of a zero", "a bold two", "a thin five", "six"]
-UNET = dict(sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[16, 32],
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)   # SD 1.x layout: 1x1-conv proj_in/proj_out
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 16, 16], layers_per_block=1,
-           down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=4,
-           sample_size=16, scaling_factor=0.5)
-SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-             clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 KW = dict(num_inference_steps=3, guidance_scale=6.0, output_type='pt')
-ATOL = dict(atol=2e-4, rtol=1e-4)
 UNET_T, TE_T = list(ml.UNET_TARGET_MODULES), list(ml.TEXT_ENCODER_TARGET_MODULES)
 
-def gen(seed): return torch.Generator().manual_seed(seed)
 
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):

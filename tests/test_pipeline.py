@@ -10,24 +10,15 @@ from minisd.vae import AutoencoderKL, VAEConfig
 from minisd.clip import CLIPTextModel, CLIPTextConfig
 from minisd.tokenizer import CLIPTokenizer
 from minisd.schedulers import DDIMScheduler, DDPMScheduler
+from tiny_sd import UNET, vae_cfg, SCHED, ATOL, gen
 
 diffusers = pytest.importorskip('diffusers')
 transformers = pytest.importorskip('transformers')
 
 CAPTIONS = ["a handwritten digit seven", "the number three", "a picture of a zero", "a drawing of the digit one",
             "an image of the number nine", "a bold two", "a thin five", "a sloppy eight", "a neat four", "six"]
-UNET = dict(sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[16, 32],
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-def vae_cfg(channels): return dict(in_channels=channels, out_channels=channels, latent_channels=4, block_out_channels=[8, 16, 16],
-                                   layers_per_block=1, down_block_types=["DownEncoderBlock2D"]*3,
-                                   up_block_types=["UpDecoderBlock2D"]*3, norm_num_groups=4, sample_size=16, scaling_factor=0.5)
-SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-             clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 KW = dict(num_inference_steps=3, guidance_scale=6.0)
-ATOL = dict(atol=2e-4, rtol=1e-4)
 
-def gen(seed): return torch.Generator().manual_seed(seed)
 
 @pytest.fixture(scope='module')
 def tokenizer(): return CLIPTokenizer.train(CAPTIONS, vocab_size=600)

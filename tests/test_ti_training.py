@@ -10,18 +10,12 @@ from minisd.tokenizer import CLIPTokenizer
 from minisd.schedulers import DDIMScheduler
 from minisd.ti_training import train_textual_inversion, add_token
 from minisd.textual_inversion import save_textual_inversion
+from tiny_sd import UNET, vae_cfg, SCHED
+VAE = vae_cfg(1)   # MNIST: one channel
 
 diffusers = pytest.importorskip('diffusers')
 
 CAPTIONS = ["a handwritten digit seven", "the number three", "a picture of a zero", "a thin five", "a bold two"]
-UNET = dict(sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[16, 32],
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
-VAE = dict(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=[8, 16, 16], layers_per_block=1,
-           down_block_types=["DownEncoderBlock2D"]*3, up_block_types=["UpDecoderBlock2D"]*3, norm_num_groups=4,
-           sample_size=16, scaling_factor=0.5)
-SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-             clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 def tiny_pipe(seed=0):
     torch.manual_seed(seed)
