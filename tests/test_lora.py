@@ -1,11 +1,10 @@
 "LoRA: the same U-Net, text-encoder and pipeline outputs as diffusers' `load_lora_weights` for the same file in every format; fuse/unfuse/unload; runtime scale; save; bad files."
-import json, math
+import json
 import pytest, torch
 from torch.testing import assert_close
 from minisd.pipeline import StableDiffusion
-from minisd.tokenizer import CLIPTokenizer
 from minisd import lora as ml
-from tiny_sd import UNET, VAE, SCHED, ATOL, gen
+from tiny_sd import ATOL, gen, save_diffusers_pipeline, load_both
 
 diffusers = pytest.importorskip('diffusers')
 transformers = pytest.importorskip('transformers')
@@ -19,25 +18,9 @@ UNET_T, TE_T = list(ml.UNET_TARGET_MODULES), list(ml.TEXT_ENCODER_TARGET_MODULES
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
     "A tiny random SD pipeline written by diffusers/transformers."
-    tok = CLIPTokenizer.train(CAPTIONS, vocab_size=600)
-    tdir = tmp_path_factory.mktemp('tok'); tok.save_pretrained(tdir)
-    torch.manual_seed(1)
-    te = transformers.CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    dp = diffusers.StableDiffusionPipeline(
-        unet=diffusers.UNet2DConditionModel(**UNET), vae=diffusers.AutoencoderKL(**VAE),
-        text_encoder=transformers.CLIPTextModel(te), tokenizer=transformers.CLIPTokenizer.from_pretrained(tdir),
-        scheduler=diffusers.DDIMScheduler(**SCHED), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    d = tmp_path_factory.mktemp('sd'); dp.save_pretrained(d)
-    return d
+    return save_diffusers_pipeline(tmp_path_factory.mktemp('sd'), CAPTIONS)
 
-def pipes(folder):
-    "A fresh (minisd, diffusers) pair loaded from the same folder."
-    pipe = StableDiffusion.from_pretrained(folder); pipe.set_progress_bar_config(disable=True)
-    dp = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    dp.set_progress_bar_config(disable=True)
-    return pipe, dp
+pipes = load_both
 
 def random_lora(pipe, r=4, ranks=None, seed=0, components=('unet', 'text_encoder')):
     "`{component: {layer: (down, up)}}`: random adapters (up != 0) on the default targets, rank `ranks[suffix]` or `r`."

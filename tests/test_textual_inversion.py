@@ -1,13 +1,10 @@
 "Textual inversion loading: the same files, prompts and seeds give diffusers' images, in every file format; unloading; bad input."
-import json
 import pytest, torch
 from safetensors.torch import save_file
 from torch.testing import assert_close
-from minisd.pipeline import StableDiffusion
-from minisd.tokenizer import CLIPTokenizer
 from minisd.textual_inversion import (load_textual_inversion, unload_textual_inversion, maybe_convert_prompt,
                                       save_textual_inversion, token_and_embedding)
-from tiny_sd import UNET, VAE, SCHED, ATOL, gen
+from tiny_sd import ATOL, gen, save_diffusers_pipeline, load_both
 
 diffusers = pytest.importorskip('diffusers')
 transformers = pytest.importorskip('transformers')
@@ -22,26 +19,7 @@ def vecs(n, seed): return torch.randn(n, D, generator=gen(seed))
 @pytest.fixture(scope='module')
 def saved(tmp_path_factory):
     "A tiny random pipeline written by diffusers/transformers."
-    tok = CLIPTokenizer.train(CAPTIONS, vocab_size=600)
-    tdir = tmp_path_factory.mktemp('tok'); tok.save_pretrained(tdir)
-    torch.manual_seed(1)
-    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    dp = diffusers.StableDiffusionPipeline(
-        unet=diffusers.UNet2DConditionModel(**UNET), vae=diffusers.AutoencoderKL(**VAE), text_encoder=te,
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(tdir), scheduler=diffusers.DDIMScheduler(**SCHED),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    d = tmp_path_factory.mktemp('pipe'); dp.save_pretrained(d)
-    return d
-
-def load_both(d):
-    pipe = StableDiffusion.from_pretrained(d)
-    if hasattr(pipe, 'set_progress_bar_config'): pipe.set_progress_bar_config(disable=True)
-    else: pipe.show_progress = False
-    dp = diffusers.StableDiffusionPipeline.from_pretrained(d, safety_checker=None)
-    dp.set_progress_bar_config(disable=True)
-    return pipe, dp
+    return save_diffusers_pipeline(tmp_path_factory.mktemp('pipe'), CAPTIONS)
 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):

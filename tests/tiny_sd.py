@@ -19,3 +19,29 @@ SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_
 ATOL = dict(atol=2e-4, rtol=1e-4)   # minisd vs diffusers images: same maths, different kernels and op order
 
 def gen(seed:int) -> torch.Generator: return torch.Generator().manual_seed(seed)
+
+def save_diffusers_pipeline(folder, captions:list[str], seed:int=1):
+    "A tiny random diffusers `StableDiffusionPipeline` (a CLIP tokenizer trained by minisd on `captions`) saved to `folder`."
+    import diffusers, transformers
+    from minisd.tokenizer import CLIPTokenizer
+    tok = CLIPTokenizer.train(captions, vocab_size=600)
+    tok.save_pretrained(f'{folder}/_tokenizer')
+    torch.manual_seed(seed)
+    te = transformers.CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    dp = diffusers.StableDiffusionPipeline(
+        unet=diffusers.UNet2DConditionModel(**UNET), vae=diffusers.AutoencoderKL(**VAE),
+        text_encoder=transformers.CLIPTextModel(te), tokenizer=transformers.CLIPTokenizer.from_pretrained(f'{folder}/_tokenizer'),
+        scheduler=diffusers.DDIMScheduler(**SCHED), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    dp.save_pretrained(f'{folder}/pipe')
+    return f'{folder}/pipe'
+
+def load_both(folder):
+    "A fresh (minisd, diffusers) pair of pipelines loaded from the same folder, progress bars off."
+    import diffusers
+    from minisd.pipeline import StableDiffusion
+    pipe = StableDiffusion.from_pretrained(folder); pipe.set_progress_bar_config(disable=True)
+    dp = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    dp.set_progress_bar_config(disable=True)
+    return pipe, dp
