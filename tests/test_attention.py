@@ -1,10 +1,11 @@
 "Attention processors against diffusers: same keys, diffusers' own processor classes and a custom one run unchanged in minisd with the same outputs."
-import math, warnings
+
 import pytest, torch
 from torch.testing import assert_close
 from minisd.unet import UNet, UNetConfig, Attention, AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
 
 diffusers = pytest.importorskip('diffusers')
+from tiny_sd import same_weights
 from diffusers.models import attention_processor as dap
 
 XA, DN, XU, UP = 'CrossAttnDownBlock2D', 'DownBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'
@@ -15,14 +16,7 @@ TINY = dict(sample_size=16, in_channels=3, out_channels=2, block_out_channels=(8
 
 def build_pair(**over):
     "(minisd UNet, diffusers UNet) with the same random weights."
-    cfg = UNetConfig(**{**TINY, **over})
-    torch.manual_seed(0)
-    ref = diffusers.UNet2DConditionModel.from_config(cfg.to_dict()).eval()
-    with torch.no_grad():
-        for p in ref.parameters(): p.add_(torch.randn_like(p) * 0.05)
-    ours = UNet(cfg).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ours, ref
+    return same_weights(UNet, diffusers.UNet2DConditionModel, UNetConfig(**{**TINY, **over}))
 
 
 def inputs(bs=2, hw=8):

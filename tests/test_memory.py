@@ -5,19 +5,14 @@ from minisd.unet import UNet, UNetConfig
 from minisd.vae import AutoencoderKL, VAEConfig
 
 diffusers = pytest.importorskip('diffusers')
+from tiny_sd import same_weights
 
 
 def vae_pair(**over):
     "(minisd, diffusers) AutoencoderKL with the same random weights; sample_size 16 -> 8x8-latent tiles."
     cfg = VAEConfig(**{**dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
                               norm_num_groups=4, sample_size=16), **over})
-    torch.manual_seed(0)
-    ref = diffusers.AutoencoderKL.from_config(cfg.to_dict()).eval()
-    with torch.no_grad():
-        for p in ref.parameters(): p.add_(torch.randn_like(p) * 0.05)
-    ours = AutoencoderKL(cfg).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ours, ref
+    return same_weights(AutoencoderKL, diffusers.AutoencoderKL, cfg)
 
 
 @pytest.mark.parametrize('shape', [(1, 4, 12, 12), (2, 4, 20, 13), (1, 4, 8, 30), (1, 4, 7, 7)])

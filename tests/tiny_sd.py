@@ -45,3 +45,13 @@ def load_both(folder):
     dp = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     dp.set_progress_bar_config(disable=True)
     return pipe, dp
+
+def same_weights(ours_cls, ref_cls, cfg, seed:int=0, jitter:float=0.05):
+    "(minisd model, diffusers model) built from the config `cfg` with the same random weights, eval mode."
+    torch.manual_seed(seed)
+    ref = ref_cls.from_config(cfg.to_dict()).eval()
+    with torch.no_grad():   # jitter: layers diffusers initialises to zero (e.g. proj_out) must matter too
+        for p in ref.parameters(): p.add_(torch.randn_like(p) * jitter)
+    ours = ours_cls(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
