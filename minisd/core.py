@@ -79,11 +79,11 @@ def show_images(ims, nrows:int|None=None, ncols:int|None=None, titles=None, figs
     n = len(ims)
     if ncols is None: ncols = n if nrows is None else math.ceil(n / nrows)
     if nrows is None: nrows = math.ceil(n / ncols)
-    fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (1.3*ncols, 1.3*nrows + (0.25 if titles else 0)), squeeze=False)
+    fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (ncols, nrows + (0.25 if titles else 0)), squeeze=False)
     for i, ax in enumerate(axs.flat):
         ax.axis('off')
         if i >= n: continue
-        ax.imshow(ims[i], cmap=cmap if ims[i].mode == 'L' else None)
+        ax.imshow(ims[i], cmap=cmap if ims[i].mode == 'L' else None, interpolation='nearest')   # sharp pixels, small PNGs
         if titles is not None and i < len(titles): ax.set_title(str(titles[i]), fontsize=8)
     if suptitle: fig.suptitle(suptitle)
     plt.tight_layout()

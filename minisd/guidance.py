@@ -36,7 +36,7 @@ def class_unet_config(**kwargs) -> UNetConfig:
     "The class-conditional MNIST U-Net: the mnist preset at 28x28, channels (16, 32, 64), 10 classes + a null class."
     return UNetConfig.mnist(**{**dict(sample_size=28, block_out_channels=(16, 32, 64), num_class_embeds=11), **kwargs})
 
-def train_class_unet(epochs:int=40, # passes over the training digits (5,000 steps of 32)
+def train_class_unet(epochs:int=32, # passes over the training digits (4,000 steps of 32)
                      bs:int=32, lr:float=3e-3, # batch size, peak learning rate (one-cycle)
                      p_uncond:float=0.1, # label dropout for classifier-free guidance
                      n_train:int|None=None, # use only the first n training digits

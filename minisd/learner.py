@@ -321,6 +321,11 @@ class ProgressCB(Callback):
         graphs = [[np.arange(len(r.losses)), r.losses]] + ([[*map(list, zip(*r.valid_at))]] if r.valid_at else [])
         total = learn.n_epochs * len(learn.dls.train)
         self.mbar.update_graph(graphs, x_bounds=[0, total], figsize=(5, 3))
+    def after_fit(self, learn):
+        fig = getattr(getattr(self, 'mbar', None), 'graph_fig', None)
+        if self.bars and fig is not None:   # the live plot was shown already: not again at the end of the cell
+            import matplotlib.pyplot as plt
+            plt.close(fig)
 
 # %% ../nbs/02_learner.ipynb #106f259b
 class OneCycleCB(Callback):

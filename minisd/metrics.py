@@ -14,9 +14,9 @@ from .data import load_mnist, get_dls
 from .learner import Learner, ProgressCB, accuracy
 
 # %% auto #0
-__all__ = ['CLASSIFIER_PATH', 'MnistClassifier', 'augment', 'train_mnist_classifier', 'save_classifier', 'mnist_classifier',
-           'classify', 'prompt_accuracy', 'sqrtm_psd', 'frechet_distance', 'gaussian_stats', 'fid', 'polynomial_kernel',
-           'mmd2_unbiased', 'kid', 'MnistMetrics']
+__all__ = ['CLASSIFIER_PATH', 'MnistClassifier', 'augment', 'non_digits', 'train_mnist_classifier', 'save_classifier',
+           'mnist_classifier', 'classify', 'prompt_accuracy', 'confident_share', 'sqrtm_psd', 'frechet_distance',
+           'gaussian_stats', 'fid', 'polynomial_kernel', 'mmd2_unbiased', 'kid', 'MnistMetrics']
 
 # %% ../nbs/07_metrics.ipynb #b60cb6b8
 def _conv(ci:int, co:int): return nn.Sequential(nn.Conv2d(ci, co, 3, padding=1, bias=False), nn.BatchNorm2d(co), nn.ReLU())
@@ -51,26 +51,47 @@ def augment(x:torch.Tensor, # (B, 1, H, W) digits, background 0
     grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode='zeros')
 
-# %% ../nbs/07_metrics.ipynb #972b2528
-def _classifier_step(learn, batch):
-    "Cross-entropy on augmented digits (training) or plain ones (validation); sets `learn.preds` for metrics."
-    x, y = batch
-    learn.preds = learn.model(augment(x) if learn.training else x)
-    return F.cross_entropy(learn.preds, y)
+# %% ../nbs/07_metrics.ipynb #07nd0002
+def non_digits(x:torch.Tensor, # (B, 1, H, W) digits in [0, 1], the raw material
+               generator:torch.Generator|None=None) -> torch.Tensor: # (B, 1, H, W) in [0, 1]
+    "Images that are not digits, one of four kinds per image: uniform noise, speckle, smooth blobs, shuffled pixels."
+    B, _, H, W = x.shape
+    r = lambda *s: torch.rand(*s, generator=generator)
+    speckle = (r(B, 1, H, W) < 0.05 + 0.45 * r(B, 1, 1, 1)).float()                  # 5% to 50% of the pixels on
+    blobs = F.interpolate(r(B, 1, H // 4, W // 4), size=(H, W), mode='bilinear', align_corners=False)
+    blobs = (blobs > 0.4 + 0.4 * r(B, 1, 1, 1)).float()                                # smooth random shapes
+    shuffled = x.flatten(1)[:, torch.randperm(H * W, generator=generator)].view_as(x)  # a digit's ink, no shape
+    kinds = torch.stack([r(B, 1, H, W), speckle, blobs, shuffled])                     # (4, B, 1, H, W)
+    return kinds[torch.randint(0, 4, (B,), generator=generator), torch.arange(B)]
 
-def train_mnist_classifier(epochs:int=12, # passes over the training split
+# %% ../nbs/07_metrics.ipynb #972b2528
+def _classifier_step(outlier_weight:float=0.3):
+    "Cross-entropy on augmented digits, plus `outlier_weight` x that of the uniform target on non-digits (training)."
+    def step(learn, batch):
+        x, y = batch
+        if not learn.training:                                                   # validation: plain digits
+            learn.preds = learn.model(x); return F.cross_entropy(learn.preds, y)
+        xb = augment(x) if outlier_weight == 0 else torch.cat([augment(x), non_digits(x[:len(x) // 4])])
+        logits = learn.model(xb)                                                 # (B + B/4, 10)
+        learn.preds = logits[:len(x)]                                            # for the accuracy metric
+        loss = F.cross_entropy(learn.preds, y)
+        return loss if outlier_weight == 0 else loss - outlier_weight * F.log_softmax(logits[len(x):], -1).mean()
+    return step
+
+def train_mnist_classifier(epochs:int=24, # passes over the training split
                            lr:float=3e-3, # peak learning rate (one-cycle)
                            bs:int=128, # batch size
                            n_train:int|None=None, # use only the first n training digits (None: all)
                            source='embedded', # `load_mnist` source
                            seed:int=0,
+                           outlier_weight:float=0.3, # weight of the non-digits' loss (0: digits only)
                            progress:bool=True) -> Learner: # its `.model` is the trained classifier
     "Train a `MnistClassifier` on MNIST's training split with minisd's `Learner`; accuracy on the valid split per epoch."
     torch.manual_seed(seed)
     (xt, yt), (xv, yv) = load_mnist('train', source), load_mnist('valid', source)
     if n_train is not None: xt, yt = xt[:n_train], yt[:n_train]
     dls = get_dls((xt, yt), (xv, yv), bs=bs, drop_last=True, generator=torch.Generator().manual_seed(seed))
-    learn = Learner(MnistClassifier(), dls, step=_classifier_step, lr=lr, metrics=[accuracy], device='cpu',
+    learn = Learner(MnistClassifier(), dls, step=_classifier_step(outlier_weight), lr=lr, metrics=[accuracy], device='cpu',
                     progress=False, cbs=[ProgressCB(plot=False)] if progress else [])
     learn.fit(epochs)
     learn.model.eval()
@@ -114,6 +135,14 @@ def prompt_accuracy(images:torch.Tensor, # (N, 1, 28, 28) generated digits in [0
     "Share of `images` that `classifier` assigns to the requested digit."
     _, logits = classify(images, classifier)
     return (logits.argmax(-1).cpu() == torch.as_tensor(labels).cpu()).float().mean().item()
+
+def confident_share(images:torch.Tensor, # (N, 1, 28, 28) digits in [0, 1]
+                    threshold:float=0.9, # the least top-class probability that counts
+                    classifier=None) -> float: # as in `classify`
+    "Share of `images` that `classifier` gives at least `threshold` probability for some digit (unconditional samples)."
+    _, logits = classify(images, classifier)
+    return (logits.softmax(-1).max(-1).values >= threshold).float().mean().item()
+
 
 # %% ../nbs/07_metrics.ipynb #f56e4b4d
 def sqrtm_psd(s:torch.Tensor) -> torch.Tensor: # (d, d) symmetric positive semi-definite

@@ -120,3 +120,32 @@ def test_shipped_classifier_accuracy_and_size():
     feats, logits = classify(x, mnist_classifier())
     assert (logits.argmax(-1) == y).float().mean() > 0.98
     assert feats.shape == (len(x), 64) and feats.dtype == torch.float64
+
+
+def test_shipped_classifier_has_no_opinion_off_the_digits():
+    # outlier exposure (lesson 07): confident on real digits, never on noise or other non-digits
+    from minisd.metrics import mnist_classifier, confident_share, non_digits
+    from minisd.data import load_mnist
+    clf = mnist_classifier()
+    xv, _ = load_mnist('valid', 'embedded')
+    g = torch.Generator().manual_seed(0)
+    assert confident_share(xv, 0.9, clf) > 0.9
+    assert confident_share(torch.rand(500, 1, 28, 28, generator=g), 0.9, clf) < 0.02
+    assert confident_share(non_digits(xv[:500], g), 0.9, clf) < 0.05
+    assert confident_share(torch.zeros(10, 1, 28, 28), 0.9, clf) == 0   # a blank page is no digit either
+
+
+def test_non_digits_are_in_range_and_varied():
+    from minisd.metrics import non_digits
+    x = torch.rand(64, 1, 28, 28)
+    nd = non_digits(x, torch.Generator().manual_seed(0))
+    assert nd.shape == x.shape and nd.min() >= 0 and nd.max() <= 1
+    assert len({round(float(o.mean()), 3) for o in nd}) > 32   # not one image repeated
+
+
+def test_confident_share_threshold():
+    from minisd.metrics import confident_share
+    logits = torch.tensor([[10., 0, 0, 0, 0, 0, 0, 0, 0, 0], [1., 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    f = lambda x: logits[:len(x)]
+    x = torch.rand(2, 1, 28, 28)
+    assert confident_share(x, 0.9, f) == 0.5 and confident_share(x, 0.2, f) == 1.0
