@@ -54,15 +54,17 @@ def augment(x:torch.Tensor, # (B, 1, H, W) digits, background 0
 # %% ../nbs/07_metrics.ipynb #07nd0002
 def non_digits(x:torch.Tensor, # (B, 1, H, W) digits in [0, 1], the raw material
                generator:torch.Generator|None=None) -> torch.Tensor: # (B, 1, H, W) in [0, 1]
-    "Images that are not digits, one of four kinds per image: uniform noise, speckle, smooth blobs, shuffled pixels."
+    "Images that are not digits, one of five kinds per image (noise, Gaussian noise, speckle, blobs, shuffled pixels), dimmed at random."
     B, _, H, W = x.shape
     r = lambda *s: torch.rand(*s, generator=generator)
+    gauss = (torch.randn(B, 1, H, W, generator=generator) * (0.1 + 0.9 * r(B, 1, 1, 1))).clamp(0, 1)   # half black
     speckle = (r(B, 1, H, W) < 0.05 + 0.45 * r(B, 1, 1, 1)).float()                  # 5% to 50% of the pixels on
     blobs = F.interpolate(r(B, 1, H // 4, W // 4), size=(H, W), mode='bilinear', align_corners=False)
     blobs = (blobs > 0.4 + 0.4 * r(B, 1, 1, 1)).float()                                # smooth random shapes
     shuffled = x.flatten(1)[:, torch.randperm(H * W, generator=generator)].view_as(x)  # a digit's ink, no shape
-    kinds = torch.stack([r(B, 1, H, W), speckle, blobs, shuffled])                     # (4, B, 1, H, W)
-    return kinds[torch.randint(0, 4, (B,), generator=generator), torch.arange(B)]
+    kinds = torch.stack([r(B, 1, H, W), gauss, speckle, blobs, shuffled])              # (5, B, 1, H, W)
+    pick = kinds[torch.randint(0, 5, (B,), generator=generator), torch.arange(B)]
+    return pick * (0.05 + 0.95 * r(B, 1, 1, 1))                                        # from faint to full brightness
 
 # %% ../nbs/07_metrics.ipynb #972b2528
 def _classifier_step(outlier_weight:float=0.3):
