@@ -73,7 +73,7 @@ def _classifier_step(outlier_weight:float=0.3):
         x, y = batch
         if not learn.training:                                                   # validation: plain digits
             learn.preds = learn.model(x); return F.cross_entropy(learn.preds, y)
-        xb = augment(x) if outlier_weight == 0 else torch.cat([augment(x), non_digits(x[:len(x) // 4])])
+        xb = augment(x) if outlier_weight == 0 else torch.cat([augment(x), non_digits(x[:max(1, len(x) // 4)])])
         logits = learn.model(xb)                                                 # (B + B/4, 10)
         learn.preds = logits[:len(x)]                                            # for the accuracy metric
         loss = F.cross_entropy(learn.preds, y)
@@ -142,6 +142,7 @@ def confident_share(images:torch.Tensor, # (N, 1, 28, 28) digits in [0, 1]
                     threshold:float=0.9, # the least top-class probability that counts
                     classifier=None) -> float: # as in `classify`
     "Share of `images` that `classifier` gives at least `threshold` probability for some digit (unconditional samples)."
+    if not 0 < threshold <= 1: raise ValueError(f"threshold is a probability in (0, 1], got {threshold}")
     _, logits = classify(images, classifier)
     return (logits.softmax(-1).max(-1).values >= threshold).float().mean().item()
 

@@ -149,3 +149,9 @@ def test_confident_share_threshold():
     f = lambda x: logits[:len(x)]
     x = torch.rand(2, 1, 28, 28)
     assert confident_share(x, 0.9, f) == 0.5 and confident_share(x, 0.2, f) == 1.0
+
+
+def test_confident_share_rejects_a_threshold_that_is_no_probability():
+    from minisd.metrics import confident_share
+    with pytest.raises(ValueError, match="threshold"):
+        confident_share(torch.rand(2, 1, 28, 28), 90, lambda x: torch.zeros(len(x), 10))
