@@ -55,6 +55,7 @@ def augment(x:torch.Tensor, # (B, 1, H, W) digits, background 0
 def non_digits(x:torch.Tensor, # (B, 1, H, W) digits in [0, 1], the raw material
                generator:torch.Generator|None=None) -> torch.Tensor: # (B, 1, H, W) in [0, 1]
     "Images that are not digits, one of five kinds per image (noise, Gaussian noise, speckle, blobs, shuffled pixels), dimmed at random."
+    if x.ndim != 4: raise ValueError(f"non_digits needs a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
     B, _, H, W = x.shape
     r = lambda *s: torch.rand(*s, generator=generator)
     gauss = (torch.randn(B, 1, H, W, generator=generator) * (0.1 + 0.9 * r(B, 1, 1, 1))).clamp(0, 1)   # half black

@@ -155,3 +155,9 @@ def test_confident_share_rejects_a_threshold_that_is_no_probability():
     from minisd.metrics import confident_share
     with pytest.raises(ValueError, match="threshold"):
         confident_share(torch.rand(2, 1, 28, 28), 90, lambda x: torch.zeros(len(x), 10))
+
+
+def test_non_digits_names_a_wrong_shape():
+    from minisd.metrics import non_digits
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\).*\(28, 28\)"):
+        non_digits(torch.rand(28, 28))
