@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 # %% auto #0
-__all__ = ['SPLITS', 'EMBEDDED_PATH', 'EMBEDDED_TRAIN_PER_CLASS', 'HUB_ID', 'DIGIT_WORDS', 'CAPTION_TEMPLATES',
-           'build_embedded_mnist', 'hf_offline', 'hub_cached_files', 'hub_reachable', 'read_idx', 'load_mnist',
-           'captions_for', 'caption', 'caption_batch', 'ArrayDataset', 'DataLoaders', 'get_dls']
+__all__ = ['SPLITS', 'EMBEDDED_PATH', 'EMBEDDED_TRAIN_PER_CLASS', 'DIGIT_WORDS', 'CAPTION_TEMPLATES', 'HUB_ID',
+           'build_embedded_mnist', 'load_mnist', 'captions_for', 'caption', 'caption_batch', 'ArrayDataset',
+           'DataLoaders', 'get_dls', 'hf_offline', 'hub_cached_files', 'hub_reachable', 'read_idx']
 
 # %% ../nbs/01_data.ipynb #9f151e35
 SPLITS = ('train', 'valid')
@@ -64,6 +64,92 @@ def _embedded_arrays(split:str):
     for c in range(10): rank[labels == c] = np.arange((labels == c).sum())
     keep = rank < EMBEDDED_TRAIN_PER_CLASS if split == 'train' else rank >= EMBEDDED_TRAIN_PER_CLASS
     return imgs[keep], labels[keep]
+
+# %% ../nbs/01_data.ipynb #b768cf0d
+def _auto_source(split:str) -> str:
+    "The hub if it is cached or reachable (quick probe), else the embedded digits with a one-line notice."
+    if hub_cached_files(split): return 'hub'
+    if not hf_offline() and hub_reachable(): return 'hub'
+    why = 'HF offline mode is set' if hf_offline() else 'huggingface.co is unreachable'
+    warnings.warn(f"minisd: {why} and {HUB_ID} is not cached: using the 5,000 embedded MNIST digits", stacklevel=3)
+    return 'embedded'
+
+def load_mnist(split:str='train', # 'train' or 'valid' ('test'/'validation' are aliases of 'valid')
+               source='auto'): # 'auto', 'embedded', 'hub', or a path (save_to_disk folder or MNIST IDX folder)
+    "MNIST digits `x` float32 `(N,1,28,28)` in [0,1] and labels `y` int64 `(N,)`."
+    split = _canon_split(split)
+    if isinstance(source, str) and source in ('auto', 'embedded', 'hub'):
+        if source == 'auto':
+            source = _auto_source(split)
+            if source == 'hub':
+                try: return _to_tensors(*_hub_arrays(split))
+                except Exception as e:
+                    warnings.warn(f"minisd: loading {HUB_ID} failed ({e!r}): using the embedded digits", stacklevel=2)
+                    source = 'embedded'
+        if source == 'hub' and not hub_cached_files(split) and (hf_offline() or not hub_reachable()):  # fail in ~1 s, not ~30
+            why = 'HF offline mode is set' if hf_offline() else 'huggingface.co is unreachable'
+            raise ConnectionError(f"cannot load {HUB_ID}: {why} and it is not cached; use source='embedded' or a local path")
+        return _to_tensors(*(_embedded_arrays(split) if source == 'embedded' else _hub_arrays(split)))
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source).expanduser().resolve()
+        return _to_tensors(*_cached_local(str(p), split, p.stat().st_mtime_ns if p.exists() else 0))
+    raise ValueError(f"unknown source {source!r}: use 'auto', 'embedded', 'hub' or a path")
+
+@lru_cache(maxsize=8)
+def _cached_local(path:str, split:str, mtime:int): return _local_arrays(Path(path), split)
+
+# %% ../nbs/01_data.ipynb #4d75266a
+DIGIT_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
+CAPTION_TEMPLATES = ('a handwritten {word}', 'the digit {digit}', 'number {word}', 'a picture of the digit {digit}',
+                     'an image of the number {word}', 'a handwritten digit {digit}', 'the number {word}',
+                     'a drawing of a {word}', '{digit}', '{word}')
+
+def captions_for(label) -> list:
+    "Every phrasing of the caption for digit `label`."
+    d = int(label)
+    if not 0 <= d <= 9: raise ValueError(f"a digit label is 0..9, got {d}")
+    return [t.format(word=DIGIT_WORDS[d], digit=d) for t in CAPTION_TEMPLATES]
+
+def caption(label, generator:torch.Generator|None=None) -> str:
+    "A random phrasing of the caption for digit `label` (reproducible with a `torch.Generator`)."
+    i = torch.randint(len(CAPTION_TEMPLATES), (1,), generator=generator).item()
+    return captions_for(label)[i]
+
+def caption_batch(labels, generator:torch.Generator|None=None) -> list:
+    "A random caption for each label of `labels` (a tensor or list)."
+    return [caption(l, generator) for l in labels]
+
+# %% ../nbs/01_data.ipynb #fe831c00
+class ArrayDataset(Dataset):
+    "Several equal-length arrays (tensors or lists) indexed together; a batch is one fancy-index per array."
+    def __init__(self, *arrays):
+        if not arrays or len({len(a) for a in arrays}) != 1:
+            raise ValueError(f"need one or more arrays of equal length, got lengths {[len(a) for a in arrays]}")
+        self.arrays = arrays
+    def __len__(self): return len(self.arrays[0])
+    def __getitem__(self, i): return tuple(a[i] for a in self.arrays)
+    def __getitems__(self, idxs):
+        return tuple(a[torch.as_tensor(idxs)] if isinstance(a, torch.Tensor) else [a[i] for i in idxs] for a in self.arrays)
+
+def _collate_batched(b): return b  # __getitems__ already returns a batch
+
+# %% ../nbs/01_data.ipynb #f85d0d50
+class DataLoaders:
+    "A training and a validation `DataLoader`."
+    def __init__(self, train:DataLoader, valid:DataLoader|None=None): self.train, self.valid = train, valid
+    def __repr__(self): return f"DataLoaders(train={len(self.train.dataset)}, valid={len(self.valid.dataset) if self.valid else None})"
+
+def get_dls(train:tuple, # arrays of the training set, e.g. `(x, y)` or `(x, captions)`
+            valid:tuple|None=None, # arrays of the validation set, or None
+            bs:int=128, # batch size
+            valid_bs:int|None=None, # validation batch size (default: 2*bs)
+            shuffle:bool=True, # shuffle the training set every epoch
+            drop_last:bool=False, # drop the last incomplete training batch
+            **kwargs) -> DataLoaders: # passed to both `DataLoader`s (e.g. `num_workers`)
+    "Training and validation `DataLoaders` over in-memory arrays."
+    mk = lambda arrs, b, sh, dl: DataLoader(ArrayDataset(*arrs), batch_size=b, shuffle=sh, drop_last=dl,
+                                            collate_fn=_collate_batched, **kwargs)
+    return DataLoaders(mk(train, bs, shuffle, drop_last), mk(valid, valid_bs or 2*bs, False, False) if valid is not None else None)
 
 # %% ../nbs/01_data.ipynb #85cdfd91
 HUB_ID = 'ylecun/mnist'
@@ -169,89 +255,3 @@ def _local_arrays(path:Path, split:str):
         if imgs and labels: return read_idx(imgs), read_idx(labels)
     raise ValueError(f"{path} is neither a `datasets` save_to_disk folder nor a folder with MNIST IDX files "
                      f"for split {split!r} (e.g. {_IDX_PREFIX[split]}-images-idx3-ubyte.gz)")
-
-# %% ../nbs/01_data.ipynb #b768cf0d
-def _auto_source(split:str) -> str:
-    "The hub if it is cached or reachable (quick probe), else the embedded digits with a one-line notice."
-    if hub_cached_files(split): return 'hub'
-    if not hf_offline() and hub_reachable(): return 'hub'
-    why = 'HF offline mode is set' if hf_offline() else 'huggingface.co is unreachable'
-    warnings.warn(f"minisd: {why} and {HUB_ID} is not cached: using the 5,000 embedded MNIST digits", stacklevel=3)
-    return 'embedded'
-
-def load_mnist(split:str='train', # 'train' or 'valid' ('test'/'validation' are aliases of 'valid')
-               source='auto'): # 'auto', 'embedded', 'hub', or a path (save_to_disk folder or MNIST IDX folder)
-    "MNIST digits `x` float32 `(N,1,28,28)` in [0,1] and labels `y` int64 `(N,)`."
-    split = _canon_split(split)
-    if isinstance(source, str) and source in ('auto', 'embedded', 'hub'):
-        if source == 'auto':
-            source = _auto_source(split)
-            if source == 'hub':
-                try: return _to_tensors(*_hub_arrays(split))
-                except Exception as e:
-                    warnings.warn(f"minisd: loading {HUB_ID} failed ({e!r}): using the embedded digits", stacklevel=2)
-                    source = 'embedded'
-        if source == 'hub' and not hub_cached_files(split) and (hf_offline() or not hub_reachable()):  # fail in ~1 s, not ~30
-            why = 'HF offline mode is set' if hf_offline() else 'huggingface.co is unreachable'
-            raise ConnectionError(f"cannot load {HUB_ID}: {why} and it is not cached; use source='embedded' or a local path")
-        return _to_tensors(*(_embedded_arrays(split) if source == 'embedded' else _hub_arrays(split)))
-    if isinstance(source, (str, os.PathLike)):
-        p = Path(source).expanduser().resolve()
-        return _to_tensors(*_cached_local(str(p), split, p.stat().st_mtime_ns if p.exists() else 0))
-    raise ValueError(f"unknown source {source!r}: use 'auto', 'embedded', 'hub' or a path")
-
-@lru_cache(maxsize=8)
-def _cached_local(path:str, split:str, mtime:int): return _local_arrays(Path(path), split)
-
-# %% ../nbs/01_data.ipynb #4d75266a
-DIGIT_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
-CAPTION_TEMPLATES = ('a handwritten {word}', 'the digit {digit}', 'number {word}', 'a picture of the digit {digit}',
-                     'an image of the number {word}', 'a handwritten digit {digit}', 'the number {word}',
-                     'a drawing of a {word}', '{digit}', '{word}')
-
-def captions_for(label) -> list:
-    "Every phrasing of the caption for digit `label`."
-    d = int(label)
-    if not 0 <= d <= 9: raise ValueError(f"a digit label is 0..9, got {d}")
-    return [t.format(word=DIGIT_WORDS[d], digit=d) for t in CAPTION_TEMPLATES]
-
-def caption(label, generator:torch.Generator|None=None) -> str:
-    "A random phrasing of the caption for digit `label` (reproducible with a `torch.Generator`)."
-    i = torch.randint(len(CAPTION_TEMPLATES), (1,), generator=generator).item()
-    return captions_for(label)[i]
-
-def caption_batch(labels, generator:torch.Generator|None=None) -> list:
-    "A random caption for each label of `labels` (a tensor or list)."
-    return [caption(l, generator) for l in labels]
-
-# %% ../nbs/01_data.ipynb #fe831c00
-class ArrayDataset(Dataset):
-    "Several equal-length arrays (tensors or lists) indexed together; a batch is one fancy-index per array."
-    def __init__(self, *arrays):
-        if not arrays or len({len(a) for a in arrays}) != 1:
-            raise ValueError(f"need one or more arrays of equal length, got lengths {[len(a) for a in arrays]}")
-        self.arrays = arrays
-    def __len__(self): return len(self.arrays[0])
-    def __getitem__(self, i): return tuple(a[i] for a in self.arrays)
-    def __getitems__(self, idxs):
-        return tuple(a[torch.as_tensor(idxs)] if isinstance(a, torch.Tensor) else [a[i] for i in idxs] for a in self.arrays)
-
-def _collate_batched(b): return b  # __getitems__ already returns a batch
-
-# %% ../nbs/01_data.ipynb #f85d0d50
-class DataLoaders:
-    "A training and a validation `DataLoader`."
-    def __init__(self, train:DataLoader, valid:DataLoader|None=None): self.train, self.valid = train, valid
-    def __repr__(self): return f"DataLoaders(train={len(self.train.dataset)}, valid={len(self.valid.dataset) if self.valid else None})"
-
-def get_dls(train:tuple, # arrays of the training set, e.g. `(x, y)` or `(x, captions)`
-            valid:tuple|None=None, # arrays of the validation set, or None
-            bs:int=128, # batch size
-            valid_bs:int|None=None, # validation batch size (default: 2*bs)
-            shuffle:bool=True, # shuffle the training set every epoch
-            drop_last:bool=False, # drop the last incomplete training batch
-            **kwargs) -> DataLoaders: # passed to both `DataLoader`s (e.g. `num_workers`)
-    "Training and validation `DataLoaders` over in-memory arrays."
-    mk = lambda arrs, b, sh, dl: DataLoader(ArrayDataset(*arrs), batch_size=b, shuffle=sh, drop_last=dl,
-                                            collate_fn=_collate_batched, **kwargs)
-    return DataLoaders(mk(train, bs, shuffle, drop_last), mk(valid, valid_bs or 2*bs, False, False) if valid is not None else None)

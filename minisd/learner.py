@@ -24,8 +24,8 @@ from .core import atomic_write, default_device
 
 # %% auto #0
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'to_device', 'default_step',
-           'get_rng_state', 'set_rng_state', 'is_main_process', 'Learner', 'Recorder', 'accuracy', 'ProgressCB',
-           'OneCycleCB', 'ClipGradCB', 'MixedPrecisionCB', 'flatten_state', 'unflatten_state', 'save_state',
+           'is_main_process', 'Learner', 'Recorder', 'accuracy', 'ProgressCB', 'OneCycleCB', 'ClipGradCB',
+           'MixedPrecisionCB', 'get_rng_state', 'set_rng_state', 'flatten_state', 'unflatten_state', 'save_state',
            'load_state', 'CheckpointCB', 'DistributedCB']
 
 # %% ../nbs/02_learner.ipynb #ba60bbcc
@@ -51,20 +51,6 @@ def default_step(learn, batch):
     *xs, y = batch
     learn.preds = learn.model(*xs)
     return learn.loss_func(learn.preds, y)
-
-# %% ../nbs/02_learner.ipynb #b0bb14f9
-def get_rng_state() -> dict:
-    "The states of torch's (CPU and CUDA), NumPy's and Python's random generators."
-    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            'numpy': np.random.get_state(), 'python': random.getstate()}
-
-def set_rng_state(s:dict):
-    "Restore states from `get_rng_state` (CUDA states only where the devices exist)."
-    torch.set_rng_state(s['torch'])
-    if s.get('cuda') and torch.cuda.is_available() and len(s['cuda']) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(s['cuda'])
-    np.random.set_state(s['numpy'])
-    py = s['python']
-    random.setstate((py[0], tuple(py[1]), py[2]))
 
 # %% ../nbs/02_learner.ipynb #b7e2a9d4
 def _world_size() -> int:
@@ -368,6 +354,20 @@ class MixedPrecisionCB(Callback):
     def state_dict(self): return self.scaler.state_dict() if self.scaler else {}
     def load_state_dict(self, sd):
         if self.scaler and sd: self.scaler.load_state_dict(sd)
+
+# %% ../nbs/02_learner.ipynb #b0bb14f9
+def get_rng_state() -> dict:
+    "The states of torch's (CPU and CUDA), NumPy's and Python's random generators."
+    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': np.random.get_state(), 'python': random.getstate()}
+
+def set_rng_state(s:dict):
+    "Restore states from `get_rng_state` (CUDA states only where the devices exist)."
+    torch.set_rng_state(s['torch'])
+    if s.get('cuda') and torch.cuda.is_available() and len(s['cuda']) == torch.cuda.device_count(): torch.cuda.set_rng_state_all(s['cuda'])
+    np.random.set_state(s['numpy'])
+    py = s['python']
+    random.setstate((py[0], tuple(py[1]), py[2]))
 
 # %% ../nbs/02_learner.ipynb #c2b325b8
 def flatten_state(obj, prefix:str='') -> tuple:
