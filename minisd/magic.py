@@ -104,13 +104,18 @@ def follow_gradient(score, # score(x, sigma) -> the gradient of log p_sigma at x
                     steps:int=25, # Euler steps
                     sigma_max:float=SIGMA_MAX, sigma_min:float=SIGMA_MIN, rho:float=7., # noise levels (`karras_sigmas`)
                     x:torch.Tensor|None=None, # start here instead of pure noise
-                    shape=(1, 28, 28), generator=None):
+                    shape=(1, 28, 28), generator=None, # the generator draws the start (and `noise`'s fresh noise)
+                    noise:float=0.): # 0: the deterministic ODE walk; 1: ancestral steps (fresh noise every step)
     "Walk from noise along the gradient (Euler steps of the probability-flow ODE); returns every step `(steps+2, n, ...)`."
+    if not 0 <= noise <= 1: raise ValueError(f"noise must be in [0, 1], got {noise}")
     sigmas = karras_sigmas(steps, sigma_max, sigma_min, rho).tolist()
     if x is None: x = sigma_max * torch.randn(n, *shape, generator=generator)
     xs = [x]
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        x = x + (s - s_next) * s * score(x, s)   # dx/dsigma = -sigma * grad log p_sigma(x)
+        up = noise * (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5   # std of the fresh noise (0: the ODE)
+        down = (s_next**2 - up**2) ** 0.5                             # step the ODE to this level, then add it
+        x = x + (s - down) * s * score(x, s)   # dx/dsigma = -sigma * grad log p_sigma(x)
+        if up: x = x + up * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
         xs.append(x)
     xs.append(x + sigmas[-1]**2 * score(x, sigmas[-1]))   # Tweedie: the denoised guess E[x0 | x]
     return torch.stack(xs)

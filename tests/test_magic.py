@@ -125,6 +125,25 @@ def test_follow_gradient_exact_gaussian():
     assert abs(traj[-1].mean().item() - mu) < 0.01 and abs(traj[-1].std().item() - s) < 0.01
 
 
+def test_follow_gradient_ancestral_exact_gaussian():
+    "noise=1 (ancestral steps) also turns noise into N(mu, s²) with the exact score (first order: many steps); noise=0 is the ODE."
+    mu, s = 0.3, 0.2
+    score = lambda x, sigma: -(x - mu) / (s**2 + sigma**2)
+    x_T = (s**2 + SIGMA_MAX**2) ** 0.5 * torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    traj = follow_gradient(score, x=x_T, steps=200, noise=1., generator=torch.Generator().manual_seed(1))
+    assert abs(traj[-1].mean().item() - mu) < 0.01 and abs(traj[-1].std().item() - s) < 0.015
+    assert torch.equal(follow_gradient(score, x=x_T, steps=10, noise=0.), follow_gradient(score, x=x_T, steps=10))
+    # the fresh noise changes the path, and a seeded generator reproduces it
+    a = follow_gradient(score, x=x_T[:8], steps=10, noise=1., generator=torch.Generator().manual_seed(3))
+    b = follow_gradient(score, x=x_T[:8], steps=10, noise=1., generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.allclose(a[-1], follow_gradient(score, x=x_T[:8], steps=10)[-1])
+
+
+def test_follow_gradient_rejects_bad_noise():
+    with pytest.raises(ValueError, match="noise must be in"): follow_gradient(lambda x, s: -x, n=1, noise=1.5)
+    with pytest.raises(ValueError, match="noise must be in"): follow_gradient(lambda x, s: -x, n=1, noise=-0.1)
+
+
 def test_follow_gradient_reproducible_with_a_model():
     m = random_model()
     a = follow_gradient(m.score, n=2, steps=3, generator=torch.Generator().manual_seed(0))
