@@ -106,7 +106,7 @@ def follow_gradient(score, # score(x, sigma) -> the gradient of log p_sigma at x
                     x:torch.Tensor|None=None, # start here instead of pure noise
                     shape=(1, 28, 28), generator=None, # the generator draws the start (and `noise`'s fresh noise)
                     noise:float=0.): # 0: the deterministic ODE walk; 1: ancestral steps (fresh noise every step)
-    "Walk from noise along the gradient (Euler steps of the probability-flow ODE); returns every step `(steps+2, n, ...)`."
+    "Walk from noise along the gradient (Euler steps of the probability-flow ODE, or ancestral ones with `noise`); returns every step `(steps+2, n, ...)`."
     if not 0 <= noise <= 1: raise ValueError(f"noise must be in [0, 1], got {noise}")
     sigmas = karras_sigmas(steps, sigma_max, sigma_min, rho).tolist()
     if x is None: x = sigma_max * torch.randn(n, *shape, generator=generator)
