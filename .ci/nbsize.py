@@ -5,8 +5,9 @@
     python .ci/nbsize.py --check nbs/*.ipynb   # fail if a limit is broken (CI)
 
 Shrinking: one image format per figure (a JPEG or SVG copy of a PNG is dropped), no progress-bar HTML, and each PNG
-re-encoded with few colours: 6 evenly spaced grey levels for a grey figure, an adaptive palette of 32 colours otherwise (lossy, but
-hardly visible at a figure's size). Limits: each notebook <= 400 KB, all together <= 2 MB.
+re-encoded with few colours: 6 evenly spaced grey levels for a grey figure (black stays black, white stays white), an
+adaptive palette of 32 colours otherwise (lossy, but hardly visible at a figure's size). Limits: each notebook
+<= 400 KB, all together <= 2 MB.
 """
 import base64, glob, io, json, sys
 from pathlib import Path
@@ -19,7 +20,7 @@ def _shrink_png(b: bytes) -> bytes:
     im = Image.open(io.BytesIO(b)); a = np.asarray(im.convert('RGBA'))
     if (a[..., 3] != 255).any(): return b                      # transparency: leave it
     grey = (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
-    if grey:   # 6 evenly spaced levels, so black stays black and white stays white (an adaptive palette can merge white into grey)
+    if grey:   # 0, 51, ..., 255: an adaptive palette could merge white strokes into a grey
         q = Image.frombytes('P', im.size, (a[..., 0].astype(np.float32) / 51).round().astype(np.uint8).tobytes())
         q.putpalette([v for level in range(0, 256, 51) for v in (level,) * 3])
     else: q = Image.fromarray(a[..., :3], 'RGB').quantize(32, dither=Image.Dither.NONE)
