@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_learner.ipynb #81c4e09a
 from __future__ import annotations
-import atexit, copy, json, math, os, random, sys, time, warnings
+import atexit, copy, json, math, os, random, socket, subprocess, sys, time, warnings
 from datetime import timedelta
 from collections import defaultdict
 from contextlib import nullcontext
@@ -26,7 +26,7 @@ from .core import atomic_write, default_device
 __all__ = ['CancelFitException', 'CancelEpochException', 'CancelBatchException', 'Callback', 'to_device', 'default_step',
            'is_main_process', 'Learner', 'Recorder', 'accuracy', 'ProgressCB', 'OneCycleCB', 'ClipGradCB',
            'MixedPrecisionCB', 'get_rng_state', 'set_rng_state', 'flatten_state', 'unflatten_state', 'save_state',
-           'load_state', 'CheckpointCB', 'DistributedCB']
+           'load_state', 'CheckpointCB', 'DistributedCB', 'torchrun']
 
 # %% ../nbs/02_learner.ipynb #ba60bbcc
 class CancelFitException(Exception): "Raise in a callback to end `fit` (`after_fit` still runs)."
@@ -569,3 +569,23 @@ class DistributedCB(Callback):
     def load_state_dict(self, sd):
         self.seed = sd['seed']
         for s in self.samplers: s.seed = self.seed
+
+# %% ../nbs/02_learner.ipynb #a5146a9a
+_LAUNCH_VARS = ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'GROUP_RANK')
+
+def torchrun(script, *args, # the script (a path) and its command-line arguments
+             nproc:int=2, # how many processes to start on this machine
+             cwd=None, # where they run (default: here)
+             env:dict|None=None, # their environment (default: this process's, without a launch's own variables)
+             timeout:float|None=None) -> str: # seconds before the launch is killed
+    "Run `script` under `torchrun` with `nproc` processes on this machine (loopback only); return its stdout, or raise with its output."
+    if nproc < 1: raise ValueError(f"nproc must be at least 1, got {nproc}")
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k not in _LAUNCH_VARS}
+    if 'lo' in {name for _, name in socket.if_nameindex()}: env.setdefault('GLOO_SOCKET_IFNAME', 'lo')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--local-addr', '127.0.0.1',
+           '--nproc-per-node', str(nproc), str(script), *map(str, args)]
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode:
+        out = '\n'.join(s.strip()[-4000:] for s in (p.stdout, p.stderr) if s.strip())
+        raise RuntimeError(f"torchrun {script} with {nproc} processes failed (exit status {p.returncode}):\n{out}")
+    return p.stdout

@@ -1,5 +1,5 @@
 "Tests of minisd.learner under torchrun: 2 CPU processes (gloo) at batch B/2 equal 1 at B, only process 0 writes, exact resume."
-import os, subprocess, sys
+import os, sys
 from pathlib import Path
 import pytest, torch
 import torch.nn.functional as F
@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 import minisd
 import minisd.learner as L
-from minisd.learner import Learner, Callback, CheckpointCB, DistributedCB, load_state, _rank, _shard, _process_device
+from minisd.learner import Learner, Callback, CheckpointCB, DistributedCB, load_state, torchrun, _rank, _shard, _process_device
 from minisd.data import get_dls
 from minisd.core import seed_everything
 
@@ -77,12 +77,10 @@ def _worker(out):
 def runs(tmp_path_factory):
     "One torchrun launch of 2 processes doing all the checks (a launch costs seconds); each process's results."
     out = tmp_path_factory.mktemp('ddp')
-    env = {k: v for k, v in os.environ.items() if k not in ('WORLD_SIZE', 'RANK', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}
-    env.update(OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([str(Path(minisd.__file__).parents[1]), env.get('PYTHONPATH', '')]))
-    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', __file__, str(out)],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return [torch.load(out/f'rank{r}.pt', weights_only=False) for r in range(2)], out, p.stdout
+    env = {**os.environ, 'OMP_NUM_THREADS': '1',
+           'PYTHONPATH': os.pathsep.join([str(Path(minisd.__file__).parents[1]), os.environ.get('PYTHONPATH', '')])}
+    stdout = torchrun(__file__, out, nproc=2, env=env, timeout=300)
+    return [torch.load(out/f'rank{r}.pt', weights_only=False) for r in range(2)], out, stdout
 
 
 def test_two_processes_at_half_batch_equal_one_process_at_the_whole_batch(runs):
@@ -168,6 +166,20 @@ def test_learner_notices_a_torchrun_launch(monkeypatch):
     mine = DistributedCB(find_unused_parameters=True)  # DDP options: pass your own, it replaces the default one
     assert [cb for cb in Learner(net(), dls, device='cpu', progress=False, cbs=[mine]).cbs if isinstance(cb, DistributedCB)] == [mine]
     assert _process_device('cuda') == torch.device('cuda', 1) and _process_device('cuda:0') == torch.device('cuda', 0)
+
+
+def test_torchrun_starts_n_processes_in_a_clean_environment(tmp_path, monkeypatch):
+    for k, v in dict(WORLD_SIZE='7', RANK='5', MASTER_PORT='1').items(): monkeypatch.setenv(k, v)  # as if inside a launch
+    (tmp_path/'show.py').write_text("import os, sys; print(os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_ADDR'], *sys.argv[1:])")
+    lines = sorted(torchrun(tmp_path/'show.py', 'a b', 3, nproc=3, cwd=tmp_path).splitlines())
+    assert lines == [f'{r} 3 127.0.0.1 a b 3' for r in range(3)]  # arguments passed as given, the launch's own rank/size
+
+
+def test_torchrun_failure_carries_the_processes_output(tmp_path):
+    (tmp_path/'bad.py').write_text("import os\nif os.environ['RANK'] == '1': raise ValueError('process one has no data')")
+    with pytest.raises(RuntimeError, match=r'(?s)bad\.py with 2 processes failed.*process one has no data'):
+        torchrun(tmp_path/'bad.py', nproc=2)
+    with pytest.raises(ValueError, match='nproc'): torchrun(tmp_path/'bad.py', nproc=0)
 
 
 if __name__ == '__main__': _worker(sys.argv[1])
