@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_learner.ipynb #81c4e09a
 from __future__ import annotations
-import atexit, copy, json, math, os, random, socket, subprocess, sys, time, warnings
+import atexit, copy, json, math, os, random, socket, subprocess, sys, time, uuid, warnings
 from datetime import timedelta
 from collections import defaultdict
 from contextlib import nullcontext
@@ -582,7 +582,8 @@ def torchrun(script, *args, # the script (a path) and its command-line arguments
     if nproc < 1: raise ValueError(f"nproc must be at least 1, got {nproc}")
     env = {k: v for k, v in (os.environ if env is None else env).items() if k not in _LAUNCH_VARS}
     if 'lo' in {name for _, name in socket.if_nameindex()}: env.setdefault('GLOO_SOCKET_IFNAME', 'lo')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--local-addr', '127.0.0.1',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1', '--rdzv-backend', 'c10d',   # --standalone, by number:
+           '--rdzv-endpoint', '127.0.0.1:0', '--rdzv-id', uuid.uuid4().hex, '--local-addr', '127.0.0.1',  # any free port
            '--nproc-per-node', str(nproc), str(script), *map(str, args)]
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode:
