@@ -28,7 +28,8 @@ _PUBLIC = {  # name -> the module that defines it
     'AttentionReweight': 'attention',
     'load_textual_inversion': 'textual_inversion', 'unload_textual_inversion': 'textual_inversion',
     'save_textual_inversion': 'textual_inversion',
-    'style_pipeline': 'finetune',   # (not `finetune`: a name that is also a module's would be shadowed by it) 'train_textual_inversion': 'ti_training',
+    'style_pipeline': 'finetune',   # (not `finetune`: a name that is also a module's would be shadowed by it)
+    'train_textual_inversion': 'ti_training',
     'train_dreambooth': 'dreambooth',
     'add_lora': 'lora', 'get_peft_model_state_dict': 'lora', 'scaled_lora': 'lora', 'train_lora': 'lora',
 }
