@@ -14,12 +14,17 @@ __all__ = ['ddpm_loss', 'ddpm_step', 'sample', 'apply_guidance']
 def ddpm_loss(model, # `model(x_t, t, **cond) -> eps`, e.g. a `UNet`
               scheduler, # gives `add_noise` and `num_train_timesteps`
               x0:torch.Tensor, # (B, C, H, W) clean samples, in [-1, 1]
+              weights:torch.Tensor|None=None, # (T,) a weight per timestep (default: all 1, the simple loss)
               **cond) -> torch.Tensor: # conditioning passed to `model`, e.g. `class_labels=`
     "The simple loss ||eps - eps_theta(x_t, t)||² at a random t per sample: Algorithm 1 of Ho et al. 2020."
     eps = torch.randn_like(x0)                                                                  # (B, C, H, W)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)  # (B,)
     x_t = scheduler.add_noise(x0, eps, t)
-    return F.mse_loss(model(x_t, t, **cond), eps)
+    if weights is None: return F.mse_loss(model(x_t, t, **cond), eps)
+    if weights.shape != (scheduler.config.num_train_timesteps,):
+        raise ValueError(f"weights must hold one weight per timestep, shape ({scheduler.config.num_train_timesteps},), got {tuple(weights.shape)}")
+    per_sample = (model(x_t, t, **cond) - eps).pow(2).flatten(1).mean(1)                         # (B,)
+    return (weights.to(per_sample)[t] * per_sample).mean()
 
 def ddpm_step(scheduler): # the noise scheduler the model is trained for
     "A `Learner` step training an unconditional noise predictor on batches `(x0, ...)` (other items ignored)."

@@ -15,19 +15,43 @@ from .schedulers import DDPMScheduler, DDIMScheduler
 from .ddpm import ddpm_loss, sample, apply_guidance
 
 # %% auto #0
-__all__ = ['CLASS_SCHEDULE', 'cfg_step', 'class_unet_config', 'train_class_unet', 'save_unet', 'load_unet',
-           'ClassifierFreeGuidance', 'mnist_scheduler', 'generate', 'best_guidance_scale']
+__all__ = ['CLASS_SCHEDULE', 'cfg_step', 'widen_conv_in', 'snr_weights', 'class_unet_config', 'train_class_unet', 'save_unet',
+           'load_unet', 'ClassifierFreeGuidance', 'mnist_scheduler', 'generate', 'best_guidance_scale']
 
 # %% ../nbs/08_guidance.ipynb #12e71f17
 def cfg_step(scheduler, # the noise scheduler
              p_uncond:float=0.1, # probability of dropping a label (classifier-free guidance training)
-             null_class:int=10): # the label that means "no label"
+             null_class:int=10, # the label that means "no label"
+             weights:torch.Tensor|None=None): # (T,) loss weight per timestep, e.g. `snr_weights` (default: all 1)
     "A `Learner` step for batches `(x0, labels)`: DDPM loss with labels randomly replaced by `null_class`."
     def step(learn, batch):
         x0, y = batch[0], batch[1]
         drop = torch.rand(len(y), device=y.device) < p_uncond
-        return ddpm_loss(learn.model, scheduler, x0, class_labels=torch.where(drop, torch.full_like(y, null_class), y))
+        return ddpm_loss(learn.model, scheduler, x0, weights,
+                         class_labels=torch.where(drop, torch.full_like(y, null_class), y))
     return step
+
+# %% ../nbs/08_guidance.ipynb #2d03756e
+def widen_conv_in(unet:UNet, # a U-Net (trained or new)
+                  in_channels:int) -> UNet: # the new number of input channels (more than `unet`'s)
+    "A copy of `unet` taking `in_channels` inputs: the first ones with `unet`'s weights, the new ones zero-initialised."
+    c = unet.config
+    if in_channels <= c.in_channels: raise ValueError(f"`in_channels`={in_channels} has to exceed the U-Net's {c.in_channels}")
+    new = UNet(type(c).from_dict({**c.to_dict(), "in_channels": in_channels})).to(unet.device, unet.dtype)
+    sd = dict(unet.state_dict())
+    w = sd["conv_in.weight"]                                   # (out, in, 3, 3)
+    sd["conv_in.weight"] = torch.cat([w, w.new_zeros(w.shape[0], in_channels - w.shape[1], *w.shape[2:])], dim=1)
+    new.load_state_dict(sd)
+    return new
+
+# %% ../nbs/08_guidance.ipynb #5c89be8d
+def snr_weights(scheduler, # gives `alphas_cumprod`
+                max_weight:float=20.) -> torch.Tensor: # the cap on 1/SNR
+    "Loss weights `1 + min(1/SNR_t, max_weight)` per timestep, mean 1: the noisy steps, where a condition decides what is drawn, count more."
+    if max_weight < 0: raise ValueError(f"max_weight must be >= 0, got {max_weight}")
+    ab = scheduler.alphas_cumprod.double()
+    w = 1 + ((1 - ab) / ab).clamp(max=max_weight)
+    return (w / w.mean()).float()
 
 # %% ../nbs/08_guidance.ipynb #cddcac6a
 CLASS_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule='linear')   # Ho et al. 2020's: beta 1e-4 -> 0.02

@@ -10,10 +10,11 @@ from PIL import Image
 from .core import from_pil, randn_tensor
 from .unet import UNet
 from .ddpm import ddpm_loss
+from .guidance import widen_conv_in
 from .pipeline import StableDiffusion, _as_prompt_list, _eval_mode
 
 # %% auto #0
-__all__ = ['StableDiffusionInpaint', 'widen_conv_in', 'half_masks', 'inpainting_step']
+__all__ = ['StableDiffusionInpaint', 'half_masks', 'inpainting_step']
 
 # %% ../nbs/22_inpainting.ipynb #ff921ba6
 def _mask_tensor(mask_image, # PIL image(s) in mode 'L'/'1', or a tensor (B,1,H,W), (1,H,W) or (H,W) in [0,1]
@@ -133,19 +134,6 @@ class StableDiffusionInpaint(StableDiffusion):
                                    {"extra_channels": extra}, **({"eta": eta} if eta else {}))
             if output_type == "latent": return latents
             return self.postprocess(self.decode_latents(latents), output_type)
-
-# %% ../nbs/22_inpainting.ipynb #e80699fa
-def widen_conv_in(unet:UNet, # a trained U-Net
-                  in_channels:int) -> UNet: # the new number of input channels (more than `unet`'s)
-    "A copy of `unet` taking `in_channels` inputs: the first ones with `unet`'s weights, the new ones zero-initialised."
-    c = unet.config
-    if in_channels <= c.in_channels: raise ValueError(f"`in_channels`={in_channels} has to exceed the U-Net's {c.in_channels}")
-    new = UNet(type(c).from_dict({**c.to_dict(), "in_channels": in_channels})).to(unet.device, unet.dtype)
-    sd = dict(unet.state_dict())
-    w = sd["conv_in.weight"]                                   # (out, in, 3, 3)
-    sd["conv_in.weight"] = torch.cat([w, w.new_zeros(w.shape[0], in_channels - w.shape[1], *w.shape[2:])], dim=1)
-    new.load_state_dict(sd)
-    return new
 
 # %% ../nbs/22_inpainting.ipynb #e3564a10
 def half_masks(size:int=32) -> torch.Tensor:

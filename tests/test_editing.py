@@ -243,7 +243,7 @@ def test_saved_pipelines_name_their_class_and_load_in_diffusers(ip2p, inpaint9, 
 # Training pieces of the lessons
 
 def test_widen_conv_in_starts_as_the_original(inpaint4):
-    from minisd.inpainting import widen_conv_in
+    from minisd.guidance import widen_conv_in
     unet = inpaint4[1].unet
     for n in (8, 9):
         wide = widen_conv_in(unet, n)
@@ -256,7 +256,8 @@ def test_widen_conv_in_starts_as_the_original(inpaint4):
 def test_training_steps_reach_the_new_channels(inpaint4):
     "One step of each lesson's loss: a finite scalar whose gradient reaches the zero-initialised input channels."
     from types import SimpleNamespace
-    from minisd.inpainting import widen_conv_in, inpainting_step, half_masks
+    from minisd.guidance import widen_conv_in
+    from minisd.inpainting import inpainting_step, half_masks
     from minisd.instruct_pix2pix import instruct_pix2pix_step
     from minisd.schedulers import DDPMScheduler
     pipe = inpaint4[1]

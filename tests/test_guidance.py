@@ -92,3 +92,38 @@ def test_generate_rejects_bad_labels(unet, labels):
 
 def test_generate_rejects_a_bad_negative_label(unet):
     with pytest.raises(ValueError, match='uncond_labels'): generate(unet, [1, 2], 2., 2, uncond_labels=12)
+
+
+def test_snr_weights_favour_the_noisy_steps():
+    "1 + min(1/SNR, cap), mean 1: flat at the cap for the noisiest steps, rising with t, and the cap's ratio kept."
+    from minisd.guidance import snr_weights
+    sched = DDPMScheduler(**CLASS_SCHEDULE)
+    w = snr_weights(sched)
+    ab = sched.alphas_cumprod.double()
+    ref = 1 + ((1 - ab) / ab).clamp(max=20)
+    torch.testing.assert_close(w, (ref / ref.mean()).float())
+    assert w.shape == (1000,) and torch.all(w[1:] >= w[:-1]) and w[-1] == w.max() and w[-1] / w[0] > 20
+    torch.testing.assert_close(snr_weights(sched, 0.), torch.ones(1000))   # cap 0: the simple loss
+    with pytest.raises(ValueError, match='max_weight'): snr_weights(sched, -1.)
+
+
+def test_widen_conv_in_new_channels_start_silent():
+    "A widened U-Net ignores its new input channels until trained; the old channels keep their weights."
+    from minisd.guidance import widen_conv_in
+    u = UNet(class_unet_config(num_class_embeds=None))
+    w = widen_conv_in(u, 11)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad(): torch.testing.assert_close(w(torch.cat([x, torch.randn(2, 10, 28, 28)], 1), 10), u(x, 10))
+    assert w.config.in_channels == 11 and torch.equal(w.conv_in.weight[:, :1], u.conv_in.weight)
+
+
+def test_cfg_step_passes_its_weights_to_the_loss():
+    "Zero weights give a zero loss, ones the plain loss (the same random draws)."
+    from types import SimpleNamespace
+    from minisd.guidance import cfg_step
+    sched = DDPMScheduler(**CLASS_SCHEDULE)
+    learn = SimpleNamespace(model=UNet(class_unet_config()))
+    batch = (torch.rand(4, 1, 28, 28) * 2 - 1, torch.tensor([1, 2, 3, 4]))
+    assert cfg_step(sched, weights=torch.zeros(1000))(learn, batch).item() == 0
+    torch.manual_seed(0); plain = cfg_step(sched)(learn, batch)
+    torch.manual_seed(0); torch.testing.assert_close(cfg_step(sched, weights=torch.ones(1000))(learn, batch), plain)
